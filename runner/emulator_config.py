@@ -1,0 +1,166 @@
+"""The emulator's knobs: ``EmulatorConfig`` and its command-line flags (``mock-server``)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, Literal
+
+from runner.errors import UsageError
+
+
+@dataclass(frozen=True, slots=True)
+class EmulatorConfig:
+    """How the emulator behaves; each knob is also a ``mock-server`` flag (see ``HELP``).
+
+    The submit fault probabilities (``p_429`` ... ``p_html_200``) are exclusive outcomes of
+    one draw per request, so they must sum to at most 1. Out-of-range values raise ValueError.
+    """
+
+    key: str | None = None
+    latency_ms: float = 0.0
+    latency_jitter: float = 0.5
+    task_seconds: float = 3.0
+    fail_rate: float = 0.0
+    fail_reason_field: bool = False
+    url_as_string: bool = False
+    link_ttl: int = 86400
+    legacy_values: bool = False
+    idempotency: bool = True
+    p_429: float = 0.0
+    retry_after: str | None = None
+    retry_after_body: float | None = None
+    rate_limit_rps: float | None = None
+    rate_limit_scope: Literal["submit", "api"] = "submit"
+    p_500: float = 0.0
+    p_502: float = 0.0
+    p_503: float = 0.0
+    p_504: float = 0.0
+    p_reset_after_create: float = 0.0
+    p_slow_after_create: float = 0.0
+    slow_seconds: float = 30.0
+    p_html_200: float = 0.0
+    quota: int | None = None
+    quota_status: int = 402
+    p_poll_error: float = 0.0
+    p_download_reset: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("fail_rate", *(f.name for f in fields(self) if f.name.startswith("p_"))):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                msg = f"{name!r} must be between 0 and 1 (got {getattr(self, name)})"
+                raise ValueError(msg)
+        for name in ("latency_ms", "latency_jitter", "task_seconds", "slow_seconds", "link_ttl"):
+            if getattr(self, name) < 0:
+                msg = f"{name!r} must be >= 0 (got {getattr(self, name)})"
+                raise ValueError(msg)
+        if sum(p for _, p in self.submit_faults) > 1.0:
+            msg = "the submit fault probabilities (p_429 ... p_html_200) must sum to <= 1"
+            raise ValueError(msg)
+        if self.quota_status not in (402, 403):
+            msg = f"'quota_status' must be 402 or 403 (got {self.quota_status})"
+            raise ValueError(msg)
+        if self.rate_limit_rps is not None and self.rate_limit_rps <= 0:
+            msg = f"'rate_limit_rps' must be > 0 (got {self.rate_limit_rps})"
+            raise ValueError(msg)
+        if self.rate_limit_scope not in ("submit", "api"):
+            msg = f"'rate_limit_scope' must be 'submit' or 'api' (got {self.rate_limit_scope!r})"
+            raise ValueError(msg)
+        if self.quota is not None and self.quota < 0:
+            msg = f"'quota' must be >= 0 (got {self.quota})"
+            raise ValueError(msg)
+
+    @property
+    def submit_faults(self) -> tuple[tuple[str, float], ...]:
+        """The probabilistic submit faults as (action, probability), drawn in this order."""
+        return (
+            ("429", self.p_429),
+            ("500", self.p_500),
+            ("502", self.p_502),
+            ("503", self.p_503),
+            ("504", self.p_504),
+            ("reset_after_create", self.p_reset_after_create),
+            ("slow_after_create", self.p_slow_after_create),
+            ("html_200", self.p_html_200),
+        )
+
+
+#: The documented, fault-free behaviour.
+DEFAULT_CONFIG = EmulatorConfig()
+
+# -- command line ------------------------------------------------------------------------------
+
+#: Help text of each ``EmulatorConfig`` knob; ``add_arguments`` makes one flag per entry.
+HELP: dict[str, str] = {
+    "key": "required Bearer key (default: accept any non-empty key)",
+    "latency_ms": "median added latency of each API request, in milliseconds",
+    "latency_jitter": "spread (lognormal sigma) of the added latency; 0 = constant",
+    "task_seconds": "seconds from submit to the task's end (pending for the first 10%%)",
+    "fail_rate": "fraction of tasks that end 'failed'",
+    "fail_reason_field": "failed tasks carry 'fail_reason' instead of 'error'",
+    "url_as_string": "result.videos[].url is a string, not a list (old doc revision)",
+    "link_ttl": "seconds a video link stays valid after completion",
+    "legacy_values": "also accept the older durations 10/15 (sora-2) and 10/15/25 (pro)",
+    "idempotency": "honour Idempotency-Key (--no-idempotency: ignore it, like an old gateway)",
+    "p_429": "probability that a submit is refused with 429",
+    "retry_after": "Retry-After header value on 429 answers (default: no header)",
+    "retry_after_body": "seconds put in a top-level 'retry_after' field of 429 bodies",
+    "rate_limit_rps": "requests per second allowed before 429 (token bucket)",
+    "rate_limit_scope": "what the rate limit counts: submits only, or every /v1 request",
+    "p_500": "probability that a submit creates the task, then answers 500",
+    "p_502": "probability that a submit creates the task, then answers 502",
+    "p_503": "probability that a submit is refused with 503",
+    "p_504": "probability that a submit creates the task, then answers 504",
+    "p_reset_after_create": "probability that a submit creates the task, then drops the connection",
+    "p_slow_after_create": "probability that a submit creates the task, then answers late",
+    "slow_seconds": "how late a slow submit answers, in seconds",
+    "p_html_200": "probability that a submit creates the task, then answers 200 with HTML",
+    "quota": "tasks that may be created before submits are refused (default: unlimited)",
+    "quota_status": "refusal once the quota is used: 402, or 403 insufficient_user_quota",
+    "p_poll_error": "probability that a task query answers 500, 502 or 429",
+    "p_download_reset": "probability that a video download stops halfway and drops",
+    "seed": "random seed, for reproducible ids, latencies and faults",
+}
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "rate_limit_scope": ("submit", "api"),
+    "quota_status": (402, 403),
+}
+_DEST = "emulator_"
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, prefix: str = "") -> None:
+    """Add one ``--{prefix}knob`` flag per ``EmulatorConfig`` knob (dest ``emulator_<knob>``)."""
+    group = parser.add_argument_group("emulator")
+    for f in fields(EmulatorConfig):
+        flag = "--" + prefix + f.name.replace("_", "-")
+        dest = _DEST + f.name
+        default = f.default if f.default is not MISSING else None
+        shown = default not in (None, False)  # zero, off and unset need no mention
+        help_text = HELP[f.name] + (" (default: %(default)s)" if shown else "")
+        if isinstance(default, bool):
+            action = argparse.BooleanOptionalAction
+            group.add_argument(flag, dest=dest, default=default, help=help_text, action=action)
+            continue
+        kind = str(f.type).split(" | ")[0]
+        choices = _CHOICES.get(f.name)
+        convert = type(choices[0]) if choices else {"float": float, "int": int}.get(kind, str)
+        group.add_argument(
+            flag,
+            dest=dest,
+            type=convert,
+            default=default,
+            choices=choices,
+            help=help_text,
+            metavar=None if choices else {"float": "X", "int": "N"}.get(kind, "TEXT"),
+        )
+
+
+def config_from_args(ns: argparse.Namespace) -> EmulatorConfig:
+    """Build the config from flags added by ``add_arguments``; bad values raise UsageError."""
+    knobs = {f.name: getattr(ns, _DEST + f.name) for f in fields(EmulatorConfig)}
+    try:
+        return EmulatorConfig(**knobs)
+    except ValueError as exc:
+        msg = f"mock server: {exc}\n  hint: each knob is a --flag of the same name; see --help"
+        raise UsageError(msg) from exc
