@@ -1,8 +1,380 @@
-"""Command line: flags -> frozen config -> command function -> exit code."""
+"""Command line: flags -> frozen config -> command -> exit code.
+
+Each ``cmd_*`` function turns parsed flags into a config and calls one stage;
+``main`` maps a ``RunnerError`` to its message on stderr and its exit code, so
+bad input never ends in a traceback.
+"""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
 
-def main(argv: list[str] | None = None) -> int:
+from runner import __version__, emulator, plan, pricing, report, schemas
+from runner.api import DEFAULT_BASE_URL, Secret, api_key_from_env, key_file_warning
+from runner.app import RunConfig, ledger_path
+from runner.app import run as run_jobs
+from runner.console import Console
+from runner.errors import LedgerError, ManifestError, RunnerError, UsageError
+from runner.ledger import ledger_is_mock, read_latest
+from runner.lifecycle import LedgerConfig, run_download, run_status
+from runner.manifest import load_manifests
+from runner.poll import PollTiming
+from runner.resume import decide
+from runner.retry import RetryPolicy
+
+EXIT_CODES = """\
+exit codes:
+  0    every job submitted or already done (jobs held back by --max-jobs are fine)
+  1    some jobs rejected, error, unknown, changed, failed; or stopped at --budget
+  2    invalid usage, manifest or ledger (nothing was sent)
+  3    stopped by the API: key, permission or balance
+  75   the ledger is in use by another run
+  130  interrupted (SIGINT); 143: terminated (SIGTERM)
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the apimart-batch CLI and return its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ManifestError as exc:
+        for diagnostic in exc.diagnostics:
+            print(diagnostic, file=sys.stderr)
+        count = len(exc.diagnostics)
+        print(f"{count} problem{'s' if count != 1 else ''} found; nothing was sent",
+              file=sys.stderr)
+        return exc.exit_code
+    except RunnerError as exc:
+        print(f"apimart-batch: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="apimart-batch",
+        description="Validate, submit, record, poll and download APIMart Sora 2 video batches.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, epilog=EXIT_CODES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = command("validate", "Check manifests against the schema; send nothing.")
+    p.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    p.set_defaults(func=cmd_validate)
+
+    p = command("plan", "Show the expanded jobs and an estimated cost; send nothing.")
+    p.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_price_flag(p)
+    p.add_argument("--ledger", help="ledger to compare with (default: beside the manifest)")
+    p.add_argument("--mock", action="store_true", help="compare with the --mock ledger")
+    p.set_defaults(func=cmd_plan)
+
+    p = command("schema", "Print the manifest JSON Schema.")
+    p.set_defaults(func=cmd_schema)
+
+    p = command("run", "Submit every job not done yet, recording each in the ledger.")
+    p.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    p.add_argument("--ledger", help="ledger CSV (default: <manifest stem>.ledger.csv beside it; "
+                   "<stem>.mock.ledger.csv with --mock)")
+    p.add_argument("-j", "--concurrency", type=_positive_int, default=8,
+                   help="submissions in flight at most (default 8)")
+    p.add_argument("--rate", type=_rate, help="at most this many requests, e.g. 2/s or 30/min")
+    p.add_argument("--max-jobs", type=_positive_int, help="submit at most N new jobs this run")
+    p.add_argument("--budget", type=_money, help="estimated USD this run may spend at most")
+    p.add_argument("--timeout", type=_positive_float, default=60.0,
+                   help="seconds to wait for one submission's answer (default 60)")
+    p.add_argument("--max-attempts", type=_positive_int, default=5,
+                   help="tries per job for answers that are safe to retry (default 5)")
+    p.add_argument("--retry-ambiguous", action="store_true",
+                   help="retry timeouts and 5xx within the run, with the same Idempotency-Key")
+    p.add_argument("--resubmit-unknown", action="store_true",
+                   help="resend 'unknown' jobs (same Idempotency-Key; may pay twice if the "
+                        "server ignores keys)")
+    p.add_argument("--resubmit-changed", action="store_true",
+                   help="resend jobs whose request changed since they were submitted")
+    _add_price_flag(p)
+    _add_target_flags(p)
+    _add_output_flags(p)
+    p.add_argument("--summary-json", metavar="PATH", help="also write the summary as JSON")
+    p.add_argument("--wait", action="store_true",
+                   help="also poll every task to the end and download the videos (to --out)")
+    _add_media_flags(p)
+    p.set_defaults(func=cmd_run)
+
+    p = command("status", "Poll unfinished tasks of a ledger and record their state.")
+    p.add_argument("ledger", metavar="LEDGER")
+    p.add_argument("--wait", action="store_true", help="keep polling until every task ends")
+    p.add_argument("-j", "--concurrency", type=_positive_int, default=8,
+                   help="requests in flight at most (default 8)")
+    _add_media_flags(p, out=False)
+    _add_target_flags(p, mock=False)
+    _add_output_flags(p)
+    p.set_defaults(func=cmd_status)
+
+    p = command("download", "Download every completed video of a ledger not yet on disk.")
+    p.add_argument("ledger", metavar="LEDGER")
+    p.add_argument("-j", "--concurrency", type=_positive_int, default=4,
+                   help="downloads at once (default 4)")
+    _add_media_flags(p, poll=False)
+    _add_target_flags(p, mock=False)
+    _add_output_flags(p)
+    p.set_defaults(func=cmd_download)
+
+    p = command("report", "Summarise a ledger: one row per job, totals, costs, next steps.")
+    p.add_argument("ledger", metavar="LEDGER")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.set_defaults(func=cmd_report)
+
+    p = command("mock-server", "Run the APIMart emulator on 127.0.0.1 (for tests and demos).")
+    p.add_argument("--port", type=int, default=8765, help="port (0 = any free port)")
+    emulator.add_arguments(p)
+    p.set_defaults(func=cmd_mock_server)
+    return parser
+
+
+def _add_price_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--price", action="append", default=[], metavar="MODEL/RES=USD",
+                   help="override a per-second price estimate, e.g. sora-2-pro/1080p=0.6")
+
+
+def _add_media_flags(p: argparse.ArgumentParser, *, out: bool = True, poll: bool = True) -> None:
+    if out:
+        p.add_argument("--out", metavar="DIR",
+                       help="folder for downloaded videos (default: 'videos' beside the ledger)")
+    if poll:
+        p.add_argument("--interval", type=_positive_float, metavar="S",
+                       help="longest pause between two polls of a task (default 30, 2 with "
+                            "--mock; the first poll comes 10 s after submission, then the "
+                            "pause grows)")
+        p.add_argument("--deadline", type=_positive_float, metavar="S",
+                       help="stop waiting after S seconds; unfinished tasks stay recorded")
+
+
+def _timing(args: argparse.Namespace, *, mock: bool) -> PollTiming:
+    # The emulator's tasks take seconds, not minutes: poll it briskly.
+    interval = args.interval or (2.0 if mock else 30.0)
+    deadline = time.monotonic() + args.deadline if args.deadline else None
+    return PollTiming(first=min(10.0, interval / 2 if mock else 10.0), interval=interval,
+                      deadline=deadline)
+
+
+def _add_target_flags(p: argparse.ArgumentParser, *, mock: bool = True) -> None:
+    if mock:
+        p.add_argument("--mock", action="store_true",
+                       help="use the built-in emulator: no API key, nothing real sent or billed")
+    p.add_argument("--base-url", default=os.environ.get("APIMART_BASE_URL", DEFAULT_BASE_URL),
+                   help="API base URL (env APIMART_BASE_URL; default %(default)s)")
+    p.add_argument("--key-file", default=os.environ.get("APIMART_API_KEY_FILE"),
+                   help="read the API key from this file (env APIMART_API_KEY_FILE); "
+                        "default: env APIMART_API_KEY")
+
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="stderr lines as text or JSON objects (default text)")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """``validate``: one line per valid file; ManifestError otherwise."""
+    for manifest in load_manifests(args.manifests):
+        count = len(manifest.jobs)
+        print(f"{manifest.path}: {count} job{'s' if count != 1 else ''} valid")
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """``plan``: the expanded jobs, totals and the estimated cost; no network."""
+    manifests = load_manifests(args.manifests)
+    prices = pricing.merged_prices(manifests, _prices(args.price))
+    skipped: dict[str, str] = {}
+    for manifest in manifests:
+        path = ledger_path(manifest.path, mock=args.mock, override=args.ledger)
+        if not Path(path).exists():
+            continue
+        latest = read_latest(path)
+        for job in manifest.jobs:
+            decision = decide(job, latest.get(job.job_id))
+            if decision.verdict != "submit":
+                skipped[job.job_id] = decision.reason
+    if args.json:
+        print(json.dumps(plan.plan_json(manifests, prices, skipped), indent=2, ensure_ascii=False))
+    else:
+        print(plan.render_plan(manifests, prices, skipped))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    """``schema``: print the manifest JSON Schema."""
+    print(json.dumps(schemas.load_schema(), indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``run``: submit what is not done yet."""
+    console = Console(quiet=args.quiet, json_lines=args.log_format == "json")
+    config = RunConfig(
+        manifests=tuple(args.manifests),
+        api_key=None if args.mock else _api_key(args, console),
+        ledger=args.ledger,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        max_jobs=args.max_jobs,
+        budget=args.budget,
+        timeout=args.timeout,
+        max_attempts=args.max_attempts,
+        retry_ambiguous=args.retry_ambiguous,
+        resubmit_unknown=args.resubmit_unknown,
+        resubmit_changed=args.resubmit_changed,
+        mock=args.mock,
+        base_url=_base_url(args.base_url),
+        summary_json=args.summary_json,
+        prices=_prices(args.price),
+        policy=RetryPolicy(attempts=args.max_attempts),
+        wait=args.wait,
+        out=args.out,
+        timing=_timing(args, mock=args.mock),
+    )
+    return asyncio.run(run_jobs(config, console))
+
+
+def _ledger_config(args: argparse.Namespace, console: Console) -> LedgerConfig:
+    # A --mock ledger needs no key: its tasks live in the built-in emulator.
+    mock = ledger_is_mock(args.ledger)
+    polls = hasattr(args, "interval")
+    return LedgerConfig(
+        ledger=args.ledger,
+        api_key=None if mock else _api_key(args, console),
+        base_url=_base_url(args.base_url),
+        concurrency=args.concurrency,
+        timing=_timing(args, mock=mock) if polls else PollTiming(),
+        out=getattr(args, "out", "videos"),
+        wait=getattr(args, "wait", False),
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``status``: poll a ledger's unfinished tasks."""
+    console = Console(quiet=args.quiet, json_lines=args.log_format == "json")
+    config = _ledger_config(args, console)
+    return asyncio.run(run_status(config, console))
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    """``download``: fetch completed videos."""
+    console = Console(quiet=args.quiet, json_lines=args.log_format == "json")
+    config = _ledger_config(args, console)
+    return asyncio.run(run_download(config, console))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``report``: the collapsed ledger and next steps."""
+    if not Path(args.ledger).is_file():
+        msg = f"{args.ledger}: no such ledger"
+        raise LedgerError(msg)
+    built = report.build_report(args.ledger)
+    render = {"table": report.render_table, "csv": report.render_csv, "json": report.render_json}
+    print(render[args.format](built))
+    return 0
+
+
+def cmd_mock_server(args: argparse.Namespace) -> int:
+    """``mock-server``: serve the emulator until interrupted."""
+    config = emulator.config_from_args(args)
+
+    def ready(url: str) -> None:
+        print(f"APIMart emulator listening; use --base-url {url}", flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(emulator.serve_forever(config, port=args.port, on_ready=ready))
+    return 0
+
+
+def _api_key(args: argparse.Namespace, console: Console) -> Secret:
+    if args.key_file:
+        path = args.key_file
+        try:
+            key = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            msg = f"{path}: cannot read the key file ({exc.__class__.__name__})"
+            raise UsageError(msg) from None
+        warning = key_file_warning(path)
+        if warning:
+            console.warn(warning)
+    else:
+        key = api_key_from_env() or ""
+    if not key:
+        msg = ("no API key: set APIMART_API_KEY or pass --key-file FILE\n"
+               "  hint: add --mock to try the whole run against the built-in emulator")
+        raise UsageError(msg)
+    return Secret(key)
+
+
+def _base_url(url: str) -> str:
+    if not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", url):
+        msg = f"--base-url: '{url}' is not an http(s) URL, e.g. {DEFAULT_BASE_URL}"
+        raise UsageError(msg)
+    return url.rstrip("/").removesuffix("/v1")
+
+
+def _prices(values: Sequence[str]) -> dict[str, float]:
+    prices: dict[str, float] = {}
+    for value in values:
+        prices.update(pricing.parse_price_override(value))
+    return prices
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        msg = f"must be a whole number > 0, got '{text}'"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        msg = f"must be a number > 0, got '{text}'"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _money(text: str) -> float:
+    return _positive_float(text.removeprefix("$"))
+
+
+def _rate(text: str) -> float:
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(?:/\s*(s|sec|second|m|min|minute))?\s*", text)
+    if not match or float(match.group(1)) <= 0:
+        msg = f"must look like 2/s or 30/min, got '{text}'"
+        raise argparse.ArgumentTypeError(msg)
+    per_minute = (match.group(2) or "s").startswith("m")
+    return float(match.group(1)) / (60.0 if per_minute else 1.0)

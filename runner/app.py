@@ -1,0 +1,354 @@
+"""``run``: manifests -> resume decisions -> bounded submission -> ledger -> exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from contextlib import AsyncExitStack, ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runner import pricing
+from runner.api import DEFAULT_BASE_URL, Client, Secret, Timeouts, is_quota
+from runner.console import Console
+from runner.errors import (
+    EXIT_API_STOPPED,
+    EXIT_JOBS_FAILED,
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+)
+from runner.ledger import Ledger, open_ledger
+from runner.lifecycle import Media, default_out, prepare_out
+from runner.manifest import Manifest, load_manifests
+from runner.models import Job
+from runner.poll import POLLABLE_STATES, PollTiming
+from runner.resume import Decision, decide
+from runner.retry import RetryPolicy
+from runner.runtime import connect, interrupts
+from runner.schedule import Limiter, run_pool
+from runner.submit import Submitter
+
+#: Final states that a person has to look at: the run exits 1 while any job is in one.
+NEEDS_ACTION = frozenset({"rejected", "error", "unknown", "failed", "cancelled", "not_found"})
+
+
+@dataclass(frozen=True, slots=True)
+class RunConfig:
+    """Everything ``run`` needs, parsed and checked by the CLI."""
+
+    manifests: tuple[str, ...]
+    api_key: Secret | None = None
+    ledger: str | None = None
+    concurrency: int = 8
+    rate: float | None = None
+    max_jobs: int | None = None
+    budget: float | None = None
+    timeout: float = 60.0
+    max_attempts: int = 5
+    retry_ambiguous: bool = False
+    resubmit_unknown: bool = False
+    resubmit_changed: bool = False
+    mock: bool = False
+    base_url: str = DEFAULT_BASE_URL
+    summary_json: str | None = None
+    prices: Mapping[str, float] = field(default_factory=dict)
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    wait: bool = False
+    out: str | None = None
+    timing: PollTiming = field(default_factory=PollTiming)
+
+
+def ledger_path(manifest: str, *, mock: bool, override: str | None = None) -> str:
+    """The ledger a manifest's rows go to: ``<stem>[.mock].ledger.csv`` beside it."""
+    if override:
+        return override
+    path = Path(manifest)
+    return str(path.with_name(path.stem + (".mock" if mock else "") + ".ledger.csv"))
+
+
+class Ledgers:
+    """The ledgers of one run, addressed by job id (job ids are unique across manifests)."""
+
+    def __init__(self, by_job: Mapping[str, Ledger], ledgers: Sequence[Ledger]) -> None:
+        self._by_job = by_job
+        self.all = ledgers
+        self.latest: dict[str, Mapping[str, str]] = {}
+        for ledger in ledgers:
+            self.latest.update(ledger.latest)
+
+    def append(self, job_id: str, **fields: object) -> None:
+        """Append a row to the job's ledger."""
+        ledger = self._by_job[job_id]
+        ledger.append(job_id, **fields)
+        self.latest[job_id] = ledger.latest[job_id]
+
+    def row(self, job_id: str) -> Mapping[str, str] | None:
+        """The job's latest row in its own ledger."""
+        return self._by_job[job_id].latest.get(job_id)
+
+
+@dataclass
+class Outcome:
+    """What happened to the run's jobs, for the summary and the exit code."""
+
+    total: int = 0
+    counts: Counter[str] = field(default_factory=Counter)
+    unknown: list[str] = field(default_factory=list)
+    changed: list[Decision] = field(default_factory=list)
+    held_by_max_jobs: int = 0
+    held_by_budget: int = 0
+    not_started: int = 0
+    still_running: int = 0
+    estimate: float = 0.0
+    elapsed: float = 0.0
+    signal: int | None = None
+    fatal: str | None = None
+
+
+async def run(config: RunConfig, console: Console) -> int:
+    """Submit every job of the manifests that is not done yet; return the exit code."""
+    manifests = load_manifests(config.manifests)
+    prices = pricing.merged_prices(manifests, config.prices)
+    jobs = [job for manifest in manifests for job in manifest.jobs]
+    with ExitStack() as stack:
+        ledgers = _open_ledgers(stack, manifests, config, console)
+        decisions = [_decide(job, ledgers, config) for job in jobs]
+        outcome = Outcome(total=len(jobs))
+        selected = _select(decisions, config, prices, outcome, console)
+        if not selected and not config.wait:
+            return _finish(outcome, ledgers, jobs, config, console)
+        async with AsyncExitStack() as astack:
+            base_url, key = await connect(astack, mock=config.mock, config_key=config.api_key,
+                                          base_url=config.base_url, console=console)
+            client = await astack.enter_async_context(
+                Client(base_url, key, pool=config.concurrency,
+                       timeouts=Timeouts(submit=config.timeout))
+            )
+            await _submit_all(selected, client, ledgers, config, console, outcome)
+        return _finish(outcome, ledgers, jobs, config, console)
+
+
+def _open_ledgers(
+    stack: ExitStack, manifests: Sequence[Manifest], config: RunConfig, console: Console
+) -> Ledgers:
+    paths = {m.path: ledger_path(m.path, mock=config.mock, override=config.ledger)
+             for m in manifests}
+    opened: dict[str, Ledger] = {}
+    base_url = "mock" if config.mock else config.base_url
+    for path in sorted(set(paths.values())):
+        opened[path] = stack.enter_context(
+            open_ledger(path, mock=config.mock, base_url=base_url, warn=console.warn)
+        )
+    by_job = {job.job_id: opened[paths[m.path]] for m in manifests for job in m.jobs}
+    ledgers = Ledgers(by_job, list(opened.values()))
+    for ledger in opened.values():
+        for job_id, row in list(ledger.latest.items()):
+            if row.get("status") == "submitting":
+                ledger.append(job_id, status="unknown",
+                              error="an earlier run stopped while submitting; the task may exist")
+                console.warn(f"{ledger.path}: job '{job_id}' was being submitted when an earlier "
+                             "run stopped; it is now 'unknown' (it may exist and be billed)")
+    ledgers.latest = {k: v for lg in opened.values() for k, v in lg.latest.items()}
+    return ledgers
+
+
+def _decide(job: Job, ledgers: Ledgers, config: RunConfig) -> Decision:
+    row = ledgers.row(job.job_id)
+    if row is not None and row.get("manifest") and row.get("manifest") != job.manifest:
+        # Another manifest wrote this id into a shared ledger: never treat it as ours.
+        other = row.get("manifest")
+        return Decision(job, "changed", f"job id is already used by {other} in this ledger; "
+                        "give the job another id")
+    return decide(job, row, resubmit_unknown=config.resubmit_unknown,
+                  resubmit_changed=config.resubmit_changed)
+
+
+def _select(
+    decisions: Sequence[Decision],
+    config: RunConfig,
+    prices: Mapping[str, float],
+    outcome: Outcome,
+    console: Console,
+) -> list[Job]:
+    """The jobs to send, in manifest order, after --max-jobs and --budget."""
+    selected: list[Job] = []
+    for decision in decisions:
+        if decision.verdict == "submit":
+            selected.append(decision.job)
+        elif decision.verdict == "changed":
+            outcome.changed.append(decision)
+            console.warn(f"job '{decision.job.job_id}' ({decision.job.manifest}:"
+                         f"{decision.job.line}): {decision.reason}")
+        else:
+            outcome.counts["already " + decision.verdict] += 1
+            if decision.verdict == "unknown":
+                outcome.unknown.append(decision.job.job_id)
+    if config.max_jobs is not None and len(selected) > config.max_jobs:
+        outcome.held_by_max_jobs = len(selected) - config.max_jobs
+        selected = selected[: config.max_jobs]
+    if config.budget is not None:
+        spend = 0.0
+        for index, job in enumerate(selected):
+            cost = pricing.estimate(job, prices)
+            if spend + cost > config.budget + 1e-9:
+                outcome.held_by_budget = len(selected) - index
+                how = "refusing to start" if index == 0 else "stopping before it"
+                console.warn(
+                    f"--budget ${config.budget:.2f}: job '{job.job_id}' would bring the estimated "
+                    f"spend to ${spend + cost:.2f}; {how}; {outcome.held_by_budget} jobs held back"
+                )
+                selected = selected[:index]
+                break
+            spend += cost
+    outcome.estimate = sum(pricing.estimate(job, prices) for job in selected)
+    return selected
+
+
+async def _submit_all(
+    jobs: list[Job],
+    client: Client,
+    ledgers: Ledgers,
+    config: RunConfig,
+    console: Console,
+    outcome: Outcome,
+) -> None:
+    """Submit ``jobs``; with --wait, poll and download at the same time."""
+    stop = asyncio.Event()
+    limiter = Limiter(config.concurrency, rate=config.rate)
+    submitter = Submitter(client=client, ledger=ledgers, limiter=limiter,
+                          policy=config.policy, stop=stop,
+                          retry_ambiguous=config.retry_ambiguous)
+    media = None
+    if config.wait:
+        out = prepare_out(config.out or default_out(str(ledgers.all[0].path)))
+        media = Media(client, ledgers, config, stop, limiter, out=out)
+    started = time.monotonic()
+    done = 0
+    console.start_progress(len(jobs), "submitting")
+
+    async def work(job: Job) -> None:
+        nonlocal done
+        await submitter(job)
+        done += 1
+        console.progress(done, len(jobs), submitter.counts)
+        row = ledgers.latest.get(job.job_id, {})
+        if media is not None and row.get("status") == "submitted":
+            media.poller.add(job.job_id, row["task_id"])
+
+    async def submit_phase() -> None:
+        await run_pool(jobs, work, workers=config.concurrency, stop=stop)
+        if media is not None:
+            media.poller.close()
+
+    async with interrupts(stop) as caught, asyncio.TaskGroup() as group:
+        group.create_task(submit_phase())
+        if media is not None:
+            media.resume(job.job_id for job in jobs)
+            group.create_task(media.run())
+    console.end_progress()
+    outcome.elapsed = time.monotonic() - started
+    outcome.counts.update(submitter.counts)
+    if media is not None:
+        outcome.counts.update(media.counts())
+        outcome.still_running = media.poller.waiting
+    outcome.not_started = len(jobs) - done
+    outcome.signal = caught[0] if caught else None
+    fatal = submitter.fatal or (media.fatal() if media is not None else None)
+    if fatal is not None:
+        what = ("APIMart says the balance is insufficient" if is_quota(fatal)
+                else f"APIMart refused the key or permission ({fatal.status})")
+        then = "rerun after topping up" if is_quota(fatal) else "fix the key, then rerun"
+        outcome.fatal = f"{what}; {outcome.not_started} jobs not submitted; {then}"
+
+
+def _finish(
+    outcome: Outcome,
+    ledgers: Ledgers,
+    jobs: Sequence[Job],
+    config: RunConfig,
+    console: Console,
+) -> int:
+    for ledger in ledgers.all:
+        ledger.sync()
+    states = Counter(ledgers.latest.get(job.job_id, {}).get("status", "not sent") for job in jobs)
+    unknown = sorted({j.job_id for j in jobs
+                      if ledgers.latest.get(j.job_id, {}).get("status") == "unknown"})
+    code = _exit_code(outcome, states, wait=config.wait)
+    summary = {
+        "exit_code": code,
+        "jobs": outcome.total,
+        "this_run": dict(outcome.counts),
+        "ledger_states": dict(states),
+        "changed": [d.job.job_id for d in outcome.changed],
+        "unknown": unknown,
+        "held_by_max_jobs": outcome.held_by_max_jobs,
+        "held_by_budget": outcome.held_by_budget,
+        "not_started": outcome.not_started,
+        "estimated_cost_usd": round(outcome.estimate, 2),
+        "elapsed_s": round(outcome.elapsed, 3),
+        "ledgers": [str(lg.path) for lg in ledgers.all],
+        "mock": config.mock,
+    }
+    _print_summary(summary, outcome, config, console)
+    if config.summary_json:
+        _write_json(config.summary_json, summary)
+    return code
+
+
+def _exit_code(outcome: Outcome, states: Mapping[str, int], *, wait: bool) -> int:
+    if outcome.signal is not None:
+        return EXIT_SIGTERM if outcome.signal == signal.SIGTERM else EXIT_SIGINT
+    if outcome.fatal:
+        return EXIT_API_STOPPED
+    # With --wait, the run promised videos on disk: anything short of that needs a rerun.
+    unfinished = (POLLABLE_STATES | {"completed"}) if wait else frozenset()
+    if outcome.held_by_budget or outcome.changed or any(
+        states.get(s) for s in NEEDS_ACTION | unfinished
+    ):
+        return EXIT_JOBS_FAILED
+    return EXIT_OK
+
+
+def _print_summary(
+    summary: Mapping[str, object], outcome: Outcome, config: RunConfig, console: Console
+) -> None:
+    runs = outcome.counts
+    rate = runs["submitted"] / outcome.elapsed if outcome.elapsed > 0 else 0.0
+    parts = [f"{n} {k}" for k, n in sorted(runs.items()) if n]
+    if outcome.held_by_max_jobs:
+        parts.append(f"{outcome.held_by_max_jobs} held back by --max-jobs")
+    if outcome.held_by_budget:
+        parts.append(f"{outcome.held_by_budget} held back by --budget")
+    if outcome.changed:
+        parts.append(f"{len(outcome.changed)} changed (not resubmitted)")
+    line = (f"{outcome.total} jobs: " + (", ".join(parts) or "nothing to do")
+            + f" in {outcome.elapsed:.1f}s ({rate:.1f}/s); estimated cost ${outcome.estimate:.2f}")
+    if not console.quiet:
+        print(line, flush=True)
+    if outcome.fatal:
+        console.error(outcome.fatal)
+    if outcome.signal is not None:
+        console.error(f"interrupted: {outcome.not_started} jobs not submitted; rerun to continue")
+    unknown = summary["unknown"]
+    assert isinstance(unknown, list)
+    if unknown:
+        shown = ", ".join(unknown[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20
+                                           else "")
+        manifests = " ".join(config.manifests)
+        console.warn(
+            f"{len(unknown)} jobs are 'unknown' (the API may have created and billed them): "
+            f"{shown}\n  hint: check your APIMart dashboard; to resend them with the same "
+            f"Idempotency-Key run: apimart-batch run {manifests} --resubmit-unknown"
+        )
+
+
+def _write_json(path: str, data: Mapping[str, object]) -> None:
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)

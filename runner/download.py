@@ -1,0 +1,145 @@
+"""Download completed videos before their links expire.
+
+Each file is streamed to a hidden temporary file in the output folder, checked
+against Content-Length, fsynced and moved into place with ``os.replace``: a crash,
+a disconnect or a full disk never leaves a partial file under the final name.
+Names come from the job id, made safe (no separators, no ``..``, no control
+characters) and suffixed with a hash of the raw id whenever making it safe changed
+it, so two jobs can never share a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
+
+from runner.api import Client
+from runner.errors import ApiError, FatalApiError, RetryableError
+from runner.retry import RetryPolicy
+from runner.schedule import Clock, Limiter, Sleep
+from runner.submit import Recorder
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_EXTENSIONS = frozenset({".mp4", ".mov", ".webm", ".m4v"})
+
+
+def file_name(job_id: str, url: str) -> str:
+    """A file name for the job's video: safe, unique per job id, with the URL's extension."""
+    suffix = PurePosixPath(urlsplit(url).path).suffix.lower()
+    ext = suffix if suffix in _EXTENSIONS else ".mp4"
+    safe = _UNSAFE.sub("_", job_id).strip("._")[:80] or "job"
+    if safe != job_id:
+        safe += "-" + hashlib.sha256(job_id.encode()).hexdigest()[:8]
+    return safe + ext
+
+
+def expires_ts(row: Mapping[str, str]) -> float | None:
+    """The row's ``expires_at`` as a unix time, or None."""
+    text = row.get("expires_at", "")
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() if text else None
+    except ValueError:
+        return None
+
+
+@dataclass
+class Downloader:
+    """Downloads videos of completed jobs into ``out``; share one instance between workers."""
+
+    client: Client
+    ledger: Recorder
+    out: Path
+    limiter: Limiter
+    policy: RetryPolicy
+    wall_clock: Clock = time.time
+    clock: Clock = time.monotonic
+    sleep: Sleep = asyncio.sleep
+    counts: Counter[str] = field(default_factory=Counter)
+    fatal: FatalApiError | None = None
+
+    def pending(self) -> list[str]:
+        """Job ids to download now, the links that expire soonest first."""
+        todo = [(expires_ts(row) or float("inf"), job_id)
+                for job_id, row in self.ledger.latest.items() if self.needs_download(row)]
+        return [job_id for _, job_id in sorted(todo)]
+
+    def needs_download(self, row: Mapping[str, str]) -> bool:
+        """Completed with a link, or downloaded but the file is gone or damaged."""
+        if row.get("status") == "completed":
+            return bool(row.get("video_url"))
+        if row.get("status") == "downloaded":
+            path = Path(row.get("file", ""))
+            return not (path.is_file() and str(path.stat().st_size) == row.get("bytes"))
+        return False
+
+    async def __call__(self, job_id: str) -> None:
+        """Download one job's video and record ``downloaded`` (or why not)."""
+        row = self.ledger.latest[job_id]
+        url = row.get("video_url", "")
+        expires = expires_ts(row)
+        if expires is not None and expires <= self.wall_clock():
+            self._fail(job_id, f"the video link expired at {row.get('expires_at')}; it can no "
+                       "longer be downloaded (generate the job again under a new id)", "expired")
+            return
+        name = file_name(job_id, url)
+        target = self.out / name
+        started = self.clock()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self.limiter.slot():
+                    size = await self._fetch(url, target)
+            except RetryableError as exc:
+                if attempt < self.policy.attempts and self.clock() - started < self.policy.timeout:
+                    await self.sleep(self.policy.wait(attempt, exc.retry_after))
+                    continue
+                self._fail(job_id, exc.message, "download errors")
+            except ApiError as exc:
+                self._fail(job_id, exc.message, "download errors")
+            except OSError as exc:
+                self._fail(job_id, f"{target}: cannot write the video: {exc.strerror}",
+                           "download errors")
+            else:
+                self.ledger.append(job_id, status="downloaded", file=str(target), bytes=size,
+                                   error=None)
+                self.counts["downloaded"] += 1
+            return
+
+    def _fail(self, job_id: str, message: str, count_as: str) -> None:
+        # The job stays 'completed' so the next run tries again while the link lives.
+        self.ledger.append(job_id, status="completed", error=message)
+        self.counts[count_as] += 1
+
+    async def _fetch(self, url: str, target: Path) -> int:
+        tmp = target.with_name(f".{target.name}.part{os.getpid()}")
+        try:
+            with tmp.open("wb") as out:
+                size = await self.client.download(url, out)
+                out.flush()
+                os.fsync(out.fileno())
+            tmp.replace(target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        _fsync_dir(target.parent)
+        return size
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,207 @@
+"""After submission: poll tasks and download videos, as one pipeline or as commands.
+
+``Media`` runs pollers and downloaders side by side: a task that completes is
+queued for download at once, links that expire soonest first. ``run --wait`` feeds
+it while submitting; ``status`` and ``download`` run it on a ledger alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections import Counter
+from collections.abc import Iterable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from runner.api import DEFAULT_BASE_URL, Client, Secret
+from runner.console import Console
+from runner.download import Downloader, expires_ts
+from runner.errors import (
+    EXIT_API_STOPPED,
+    EXIT_JOBS_FAILED,
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    FatalApiError,
+    UsageError,
+)
+from runner.ledger import ledger_is_mock, open_ledger
+from runner.poll import POLLABLE_STATES, Poller, PollTiming
+from runner.retry import RetryPolicy
+from runner.runtime import connect, interrupts
+from runner.schedule import Limiter
+from runner.submit import Recorder
+
+#: Queued after every real item (which all have priority 0): "no more downloads".
+_LAST = (1, 0.0, "")
+
+
+class MediaConfig(Protocol):
+    """The settings ``Media`` reads (``RunConfig`` and ``LedgerConfig`` have them)."""
+
+    @property
+    def concurrency(self) -> int: ...
+    @property
+    def policy(self) -> RetryPolicy: ...
+    @property
+    def timing(self) -> PollTiming: ...
+
+
+@dataclass
+class Media:
+    """Pollers and downloaders for one ledger (or a run's set of ledgers)."""
+
+    poller: Poller
+    downloader: Downloader | None
+    workers: int
+    _queue: asyncio.PriorityQueue[tuple[int, float, str]]
+
+    def __init__(
+        self,
+        client: Client,
+        ledger: Recorder,
+        config: MediaConfig,
+        stop: asyncio.Event,
+        limiter: Limiter,
+        *,
+        out: Path | None,
+        poll: bool = True,
+        repeat: bool = True,
+    ) -> None:
+        self.workers = config.concurrency
+        self._queue = asyncio.PriorityQueue()
+        self._poll = poll
+        self.downloader = None
+        if out is not None:
+            self.downloader = Downloader(client, ledger, out,
+                                         Limiter(config.concurrency), config.policy)
+        self.poller = Poller(client, ledger, limiter, config.policy, stop, config.timing,
+                             on_completed=self._completed if out else None, repeat=repeat)
+        self._ledger = ledger
+
+    def _completed(self, job_id: str) -> None:
+        row = self._ledger.latest.get(job_id, {})
+        self._queue.put_nowait((0, expires_ts(row) or float("inf"), job_id))
+
+    def resume(self, job_ids: Iterable[str]) -> None:
+        """Pick up these jobs where the ledger left them: poll running ones, fetch done ones."""
+        for job_id in job_ids:
+            row = self._ledger.latest.get(job_id)
+            if row is None:
+                continue
+            if self._poll and row.get("status") in POLLABLE_STATES and row.get("task_id"):
+                self.poller.add(job_id, row["task_id"], delay=0.0)
+            elif self.downloader is not None and self.downloader.needs_download(row):
+                self._completed(job_id)
+
+    async def run(self) -> None:
+        """Poll until every task is terminal (or the deadline), downloading as they complete."""
+        async with asyncio.TaskGroup() as group:
+            downloads = [group.create_task(self._download_worker()) for _ in range(self.workers)]
+            if self._poll:
+                await asyncio.gather(*(self.poller.work() for _ in range(self.workers)))
+            for _ in downloads:
+                self._queue.put_nowait(_LAST)
+
+    async def _download_worker(self) -> None:
+        while True:
+            item = await self._queue.get()
+            if item == _LAST:
+                return
+            job_id = item[2]
+            if self.downloader is not None and not self.poller.stop.is_set():
+                await self.downloader(job_id)
+
+    def counts(self) -> Counter[str]:
+        """What polling and downloading did."""
+        counts = Counter(self.poller.counts)
+        if self.downloader is not None:
+            counts.update(self.downloader.counts)
+        return counts
+
+    def fatal(self) -> FatalApiError | None:
+        """The first fatal answer polling got, if any."""
+        return self.poller.fatal
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerConfig:
+    """Settings of ``status`` and ``download``, which work on a ledger alone."""
+
+    ledger: str
+    api_key: Secret | None = None
+    base_url: str = DEFAULT_BASE_URL
+    concurrency: int = 8
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    timing: PollTiming = field(default_factory=PollTiming)
+    out: str | None = None
+    wait: bool = False
+
+
+async def run_status(config: LedgerConfig, console: Console) -> int:
+    """``status``: poll every unfinished task once, or with --wait until all are terminal."""
+    return await _on_ledger(config, console, poll=True, download=False)
+
+
+async def run_download(config: LedgerConfig, console: Console) -> int:
+    """``download``: fetch every completed video not yet on disk."""
+    return await _on_ledger(config, console, poll=False, download=True)
+
+
+async def _on_ledger(config: LedgerConfig, console: Console, *, poll: bool, download: bool) -> int:
+    mock = ledger_is_mock(config.ledger)
+    out = prepare_out(config.out or default_out(config.ledger)) if download else None
+    with open_ledger(config.ledger, mock=mock, base_url="mock" if mock else config.base_url,
+                     warn=console.warn, create=False) as ledger:
+        stop = asyncio.Event()
+        async with AsyncExitStack() as stack:
+            base_url, key = await connect(stack, mock=mock, config_key=config.api_key,
+                                          base_url=config.base_url, console=console)
+            client = await stack.enter_async_context(Client(base_url, key, pool=config.concurrency))
+            media = Media(client, ledger, config, stop, Limiter(config.concurrency),
+                          out=out, poll=poll, repeat=config.wait)
+            media.resume(list(ledger.latest))
+            async with interrupts(stop) as caught:
+                await media.run()
+        counts = media.counts()
+        ledger.sync()
+        states = Counter(row.get("status", "") for row in ledger.latest.values())
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+    if not console.quiet:
+        print(f"{config.ledger}: {summary}" + (f" (this run: {_fmt(counts)})" if counts else ""))
+    if caught:
+        return EXIT_SIGTERM if caught[0] == signal.SIGTERM else EXIT_SIGINT
+    if media.fatal() is not None:
+        console.error(str(media.fatal()))
+        return EXIT_API_STOPPED
+    bad = {"failed", "cancelled", "not_found"} | ({"completed"} if download else set())
+    if config.wait and poll:
+        bad |= POLLABLE_STATES
+    return EXIT_JOBS_FAILED if any(states.get(s) for s in bad) else EXIT_OK
+
+
+def _fmt(counts: Counter[str]) -> str:
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()) if n)
+
+
+def default_out(ledger: str) -> str:
+    """Where videos go without --out: a ``videos`` folder beside the ledger."""
+    return str(Path(ledger).parent / "videos")
+
+
+def prepare_out(out: str) -> Path:
+    """Create the download folder if needed; a clear UsageError if it cannot be used."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        msg = f"--out {out}: cannot create the folder: {exc.strerror}"
+        raise UsageError(msg) from exc
+    if not os.access(path, os.W_OK):
+        msg = f"--out {out}: the folder is not writable"
+        raise UsageError(msg)
+    return path

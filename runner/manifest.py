@@ -1,0 +1,670 @@
+"""YAML manifests -> validated, expanded :class:`~runner.models.Job` records.
+
+The format is defined by ``schemas/manifest.schema.json``; read its descriptions first.
+Loading a file is four steps, and every problem of every step is collected, so one run
+reports them all, each at the line the user must edit:
+
+1. read the bytes (size limit, UTF-8) and parse them with a strict YAML loader;
+2. validate the document against the schema (what is written, where it is written);
+3. expand each entry (defaults < entry < matrix combination) and validate every expanded
+   job against ``$defs/job`` (what is missing, and rules that span defaults and entry);
+4. check local images, give each job its ``job_id`` and refuse duplicate ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import re
+import unicodedata
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, NoReturn, Protocol
+
+import yaml
+from yaml.composer import Composer, ComposerError
+from yaml.constructor import ConstructorError, SafeConstructor
+from yaml.error import Mark
+from yaml.events import Event
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.resolver import Resolver
+
+from runner.errors import Diagnostic, ManifestError
+from runner.models import Job
+from runner.schemas import Problem, explain, manifest_validators
+
+#: Largest manifest file read, in bytes (bounds memory and parse time).
+MAX_MANIFEST_BYTES = 5 * 1024 * 1024
+#: Most jobs one manifest may expand to (after matrix and repeat).
+MAX_JOBS = 100_000
+#: Deepest nesting of lists and mappings, aliases included.
+MAX_NESTING = 64
+#: Most YAML nodes a document may expand to through aliases (stops "billion laughs").
+MAX_NODES = 1_000_000
+#: Largest local image, in bytes (Sora's own limit for ``image_urls``).
+MAX_IMAGE_BYTES = 10 * 1000 * 1000
+#: Most diagnostics printed per file; the rest are counted.
+MAX_DIAGNOSTICS = 100
+
+_JOB_FIELDS = ("model", "prompt", "duration", "resolution", "aspect_ratio", "image_urls", "image")
+_IMAGE_FIELDS = ("image", "image_urls")
+_IMAGE_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"))
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+Pos = tuple[int, int]
+DocPath = tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """One loaded manifest: its jobs, expanded and validated, and its price overrides."""
+
+    path: str
+    name: str
+    jobs: tuple[Job, ...]
+    prices: Mapping[str, float] = field(default_factory=dict)
+
+
+def load_manifests(paths: Sequence[str]) -> list[Manifest]:
+    """Load and validate every manifest; raise one :class:`ManifestError` listing all problems.
+
+    A ``job_id`` used in two manifests given together is an error too: they share a ledger.
+    """
+    manifests: list[Manifest] = []
+    diagnostics: list[Diagnostic] = []
+    owners: dict[str, tuple[Job, Pos]] = {}
+    seen_files: set[Path] = set()
+    for path in paths:
+        key = Path(path).absolute()
+        if key in seen_files:
+            continue
+        seen_files.add(key)
+        loaded = _FileLoader(path)
+        manifest = loaded.load()
+        diagnostics += loaded.diagnostics
+        for job, pos in loaded.job_positions:
+            first = owners.setdefault(job.job_id, (job, pos))[0]
+            if first.manifest != job.manifest:
+                message = f"job_id '{job.job_id}' is also used by {first.manifest}:{first.line}"
+                hint = "manifests run together share one ledger: give one of the jobs another id"
+                diagnostics.append(Diagnostic(path, *pos, "", message, hint))
+        if manifest is not None:
+            manifests.append(manifest)
+    if diagnostics:
+        raise ManifestError(diagnostics)
+    return manifests
+
+
+# --- YAML: strict, JSON-shaped, positions kept ---------------------------------------------
+
+
+class _Map(dict[str, Any]):
+    """A YAML mapping that remembers where it, its keys and its values stand."""
+
+    __slots__ = ("key_pos", "pos", "value_pos")
+
+    def __init__(self, pos: Pos) -> None:
+        super().__init__()
+        self.pos = pos
+        self.key_pos: dict[str, Pos] = {}
+        self.value_pos: dict[str, Pos] = {}
+
+
+class _Seq(list[Any]):
+    """A YAML sequence that remembers where it and its items stand."""
+
+    __slots__ = ("item_pos", "pos")
+
+    def __init__(self, pos: Pos) -> None:
+        super().__init__()
+        self.pos = pos
+        self.item_pos: list[Pos] = []
+
+
+def _pos(mark: Mark | None) -> Pos:
+    return (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+
+
+class _Events(Protocol):
+    """Where the composer reads YAML events from: libyaml's parser, or PyYAML's own."""
+
+    def check_event(self, *choices: type[Event]) -> bool: ...
+    def peek_event(self) -> Event | None: ...
+    def get_event(self) -> Event | None: ...
+    def dispose(self) -> None: ...
+
+
+def _event_source(text: str) -> _Events:
+    try:
+        from yaml._yaml import CParser
+    except ImportError:  # PyYAML built without libyaml: its own parser gives the same events
+        return yaml.SafeLoader(text)
+    return CParser(text)
+
+
+class _Loader(Composer, SafeConstructor, Resolver):
+    """YAML as JSON Schema sees it: YAML 1.2 core scalars, no timestamps, no surprises.
+
+    Only ``true``/``false`` are booleans (``no`` stays text), ``16:9`` stays text (no
+    base-60 ints), dates stay text so the prompt is what was written, and duplicate keys
+    are reported instead of silently keeping the last one. Scanning and parsing run in
+    libyaml when PyYAML has it (about 8x faster); composing stays here, for the limits.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.events = _event_source(text)
+        Composer.__init__(self)
+        SafeConstructor.__init__(self)
+        Resolver.__init__(self)
+        self.depth = 0
+        self.problems: list[tuple[Pos, str, str | None]] = []
+
+    def check_event(self, *choices: type[Event]) -> bool:
+        """Whether the next event is one of ``choices`` (the composer's input)."""
+        return self.events.check_event(*choices)
+
+    def peek_event(self) -> Event | None:
+        """The next event, left in place."""
+        return self.events.peek_event()
+
+    def get_event(self) -> Event | None:
+        """The next event, consumed."""
+        return self.events.get_event()
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        # PyYAML composes recursively: cap the depth before Python's recursion limit does.
+        self.depth += 1
+        try:
+            if self.depth > MAX_NESTING and parent is not None:
+                problem = f"nesting deeper than {MAX_NESTING} levels"
+                raise ComposerError(None, None, problem, parent.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _construct_map(loader: _Loader, node: MappingNode) -> Iterator[_Map]:
+    data = _Map(_pos(node.start_mark))
+    yield data
+    first: dict[str, Pos] = {}
+    for key_node, _ in node.value:
+        if isinstance(key_node, ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+            where = _pos(key_node.start_mark)
+            if key_node.value in first:
+                line = first[key_node.value][0]
+                message = f"duplicate key '{key_node.value}' (first at line {line})"
+                hint = "YAML would silently keep only the last one: remove or rename one"
+                loader.problems.append((where, message, hint))
+            first.setdefault(key_node.value, where)
+    loader.flatten_mapping(node)
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, ScalarNode):
+            message = "a key must be plain text, not a list or mapping"
+            loader.problems.append((_pos(key_node.start_mark), message, None))
+            continue
+        key = str(key_node.value)
+        data[key] = loader.construct_object(value_node)
+        data.key_pos[key] = _pos(key_node.start_mark)
+        data.value_pos[key] = _pos(value_node.start_mark)
+
+
+def _construct_seq(loader: _Loader, node: SequenceNode) -> Iterator[_Seq]:
+    data = _Seq(_pos(node.start_mark))
+    yield data
+    for child in node.value:
+        data.append(loader.construct_object(child))
+        data.item_pos.append(_pos(child.start_mark))
+
+
+def _construct_number(loader: _Loader, node: ScalarNode) -> int | float:
+    text = loader.construct_scalar(node)
+    try:
+        number: int | float = int(text) if node.tag.endswith(":int") else float(text)
+    except ValueError:
+        number = math.nan
+    if isinstance(number, float) and not math.isfinite(number):
+        problem = f"{text[:40]!r} is not a usable number (too large, or not a number)"
+        raise ConstructorError(None, None, problem, node.start_mark)
+    return number
+
+
+def _construct_bool(loader: _Loader, node: ScalarNode) -> bool:
+    text = loader.construct_scalar(node).lower()
+    if text not in ("true", "false"):
+        raise ConstructorError(None, None, f"{text!r} is not true or false", node.start_mark)
+    return text == "true"
+
+
+def _construct_str(loader: _Loader, node: ScalarNode) -> str:
+    return loader.construct_scalar(node)
+
+
+def _construct_null(loader: _Loader, node: ScalarNode) -> None:
+    return None
+
+
+def _construct_other(loader: _Loader, node: Node) -> NoReturn:
+    problem = f"the tag '{node.tag.replace('tag:yaml.org,2002:', '!!')}' is not supported"
+    raise ConstructorError(None, None, problem, node.start_mark)
+
+
+# Start from no implicit types at all, then add YAML 1.2 core's (no timestamps, no base 60).
+_Loader.yaml_implicit_resolvers = {}
+for _tag, _regexp, _first in (
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    ("int", r"^[-+]?[0-9]+$", "-+0123456789"),
+    ("float", r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$", "-+.0123456789"),
+    ("merge", r"^(?:<<)$", "<"),
+):
+    _Loader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_regexp), list(_first))
+_Loader.yaml_constructors = {
+    "tag:yaml.org,2002:map": _construct_map,
+    "tag:yaml.org,2002:seq": _construct_seq,
+    "tag:yaml.org,2002:str": _construct_str,
+    "tag:yaml.org,2002:int": _construct_number,
+    "tag:yaml.org,2002:float": _construct_number,
+    "tag:yaml.org,2002:bool": _construct_bool,
+    "tag:yaml.org,2002:null": _construct_null,
+    None: _construct_other,
+}
+
+
+def _measure(node: Node) -> None:
+    """Refuse alias bombs and recursive aliases before anything walks the tree."""
+    known: dict[int, tuple[int, int]] = {}  # id(node) -> (nodes below, height)
+    active: set[int] = set()
+
+    def visit(node: Node, level: int) -> tuple[int, int]:
+        if id(node) in active:
+            problem = "an alias points into its own anchor (a recursive structure)"
+            raise ComposerError(None, None, problem, node.start_mark)
+        if id(node) not in known:
+            active.add(id(node))
+            children: list[Node] = []
+            if isinstance(node, SequenceNode):
+                children = list(node.value)
+            elif isinstance(node, MappingNode):
+                children = [n for pair in node.value for n in pair]
+            sizes = [visit(child, level + 1) for child in children]
+            height = 1 + max((h for _, h in sizes), default=0)
+            known[id(node)] = (1 + sum(s for s, _ in sizes), height)
+            active.discard(id(node))
+        size, height = known[id(node)]
+        if level + height > MAX_NESTING + 1:
+            problem = f"nesting deeper than {MAX_NESTING} levels (through aliases)"
+            raise ComposerError(None, None, problem, node.start_mark)
+        if size > MAX_NODES:
+            problem = f"the document expands to more than {MAX_NODES:,} values through aliases"
+            raise ComposerError(None, None, problem, node.start_mark)
+        return size, height
+
+    visit(node, 1)
+
+
+_YAML_HINTS = (
+    ("tab character", "indent with spaces; YAML does not allow tabs there"),
+    ("nesting", "a manifest needs only a few levels; check the brackets"),
+    ("mapping values are not allowed", "a value contains ': ' - put the whole value in quotes"),
+    ("undefined alias", "define the anchor (&name) before using it (*name)"),
+    ("constructor for the tag", "remove the tag: manifests hold text, numbers, lists, mappings"),
+    ("single document", "one manifest per file: remove the extra '---'"),
+    ("cannot start any token", "put the value in quotes"),
+    ("through aliases", "use defaults or a matrix instead of many nested aliases"),
+)
+
+
+def _parse_yaml(text: str) -> tuple[Any, list[tuple[Pos, str, str | None]]]:
+    """The document (None when unusable) and the YAML problems found, with positions."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, [((1, 1), "the file has no content", "start with 'version: 1'")]
+        _measure(node)
+        return loader.construct_document(node), loader.problems
+    except yaml.MarkedYAMLError as exc:
+        where = _pos(exc.problem_mark or exc.context_mark)
+        message = " ".join(p for p in (exc.context, exc.problem) if p) or "invalid YAML"
+        if _char_at(text, where) == "\t":
+            message = "a tab character where YAML allows only spaces"
+        hint = next((h for key, h in _YAML_HINTS if key in message), None)
+        return None, [*loader.problems, (where, message, hint)]
+    except yaml.reader.ReaderError as exc:
+        before = text[: exc.position]
+        where = (before.count("\n") + 1, exc.position - before.rfind("\n"))
+        char = chr(exc.character) if isinstance(exc.character, int) else str(exc.character)
+        message = f"the control character U+{ord(char[:1] or ' '):04X} is not allowed in YAML"
+        return None, [(where, message, "remove it, or write it escaped in a quoted string")]
+    finally:
+        loader.events.dispose()
+
+
+def _char_at(text: str, pos: Pos) -> str:
+    lines = text.split("\n")
+    line = lines[pos[0] - 1] if 0 < pos[0] <= len(lines) else ""
+    return line[pos[1] - 1 : pos[1]]
+
+
+# --- one file --------------------------------------------------------------------------------
+
+
+class _FileLoader:
+    """Loads one manifest; collects its diagnostics and the positions of its jobs."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.folder = Path(path).parent
+        self.name = Path(path).stem
+        self.doc: Any = None
+        self.diagnostics: list[Diagnostic] = []
+        self.job_positions: list[tuple[Job, Pos]] = []
+        self._early: set[tuple[int, int, str]] = set()
+        self._images: dict[Path, tuple[str | None, str, str | None]] = {}
+
+    def load(self) -> Manifest | None:
+        """The manifest, or None when it has problems (then ``diagnostics`` says which)."""
+        text = self._read()
+        if text is not None:
+            self.doc, problems = _parse_yaml(text)
+            for pos, message, hint in problems:
+                self._report(pos, "", message, hint)
+        if isinstance(self.doc, dict) and isinstance(self.doc.get("name"), str):
+            self.name = self.doc["name"]
+        if self.doc is not None:
+            document, _ = manifest_validators()
+            self._report_all((), explain(document, self.doc))
+            self._expand()
+        self._trim()
+        if self.diagnostics or not isinstance(self.doc, dict):
+            return None
+        prices = {key: float(value) for key, value in self.doc.get("prices", {}).items()}
+        jobs = tuple(job for job, _ in self.job_positions)
+        return Manifest(path=self.path, name=self.name, jobs=jobs, prices=prices)
+
+    def _read(self) -> str | None:
+        try:
+            with Path(self.path).open("rb") as stream:
+                raw = stream.read(MAX_MANIFEST_BYTES + 1)
+        except OSError as exc:
+            self._report((1, 1), "", f"cannot read the manifest: {exc.strerror or exc}")
+            return None
+        if len(raw) > MAX_MANIFEST_BYTES:
+            message = f"the file is larger than the {MAX_MANIFEST_BYTES // 2**20} MiB limit"
+            hint = "split it into several manifests and run them together"
+            self._report((1, 1), "", message, hint)
+            return None
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            self._report((1, 1), "", "the file is UTF-16, not UTF-8", "save it as UTF-8")
+            return None
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line_start = raw.rfind(b"\n", 0, exc.start) + 1
+            col = len(raw[line_start : exc.start].decode("utf-8", "replace")) + 1
+            where = (raw.count(b"\n", 0, exc.start) + 1, col)
+            message = f"the file is not UTF-8 (byte 0x{raw[exc.start]:02x} here)"
+            self._report(where, "", message, "save the file as UTF-8")
+            return None
+        if not text.strip():
+            hint = "start with 'version: 1' and a 'jobs:' list"
+            self._report((1, 1), "", "the file is empty", hint)
+            return None
+        return text
+
+    # -- expansion --
+
+    def _expand(self) -> None:
+        doc = self.doc
+        entries = doc.get("jobs") if isinstance(doc, dict) else None
+        if not isinstance(entries, list):
+            return
+        defaults = doc.get("defaults")
+        defaults = defaults if isinstance(defaults, dict) else {}
+        total = 0
+        taken: dict[str, tuple[int, Pos]] = {}
+        for index, entry in enumerate(entries):
+            matrix = _matrix(entry)
+            if matrix is None:
+                continue
+            repeat = _count(entry.get("repeat", defaults.get("repeat", 1)))
+            total += math.prod(len(values) for values in matrix.values()) * repeat
+            if total > MAX_JOBS:
+                message = f"the manifest expands to more than {MAX_JOBS:,} jobs"
+                hint = "split the batch into several manifests, or shrink the matrix or repeat"
+                self._report_at(("jobs", index), message, hint)
+                return
+            for choice in itertools.product(*(range(len(values)) for values in matrix.values())):
+                combo = dict(zip(matrix, choice, strict=True))
+                job = self._job(index, entry, defaults, combo)
+                base = _base_id(entry, combo, job)
+                if base is None:
+                    continue
+                for take in range(1, repeat + 1):
+                    self._add(index, base if take == 1 else f"{base}-{take}", job, taken)
+
+    def _job(
+        self, index: int, entry: dict[str, Any], defaults: dict[str, Any], combo: dict[str, int]
+    ) -> Job | None:
+        """One expanded job (None when invalid; the problems are reported)."""
+        here: DocPath = ("jobs", index)
+        sources: dict[str, DocPath] = {}
+        values: dict[str, Any] = {}
+        own_image = any(k in entry or k in combo for k in _IMAGE_FIELDS)
+        for key in _JOB_FIELDS:
+            if key in combo:
+                values[key] = _matrix_value(key, entry["matrix"][key][combo[key]])
+                sources[key] = (*here, "matrix", key, combo[key])
+            elif key in entry:
+                values[key], sources[key] = entry[key], (*here, key)
+            elif key in defaults and not (key in _IMAGE_FIELDS and own_image):
+                values[key], sources[key] = defaults[key], ("defaults", key)
+            if key in combo and key in entry:
+                hint = f"keep one: matrix.{key} lists the values to combine"
+                self._report_at((*here, key), f"'{key}' is set both here and in matrix", hint)
+        _, job_validator = manifest_validators()
+        problems = explain(job_validator, values)
+        for problem in problems:
+            source = sources.get(str(problem.path[0])) if problem.path else None
+            path = (*source, *problem.path[1:]) if source else here
+            self._report_at(path, problem.message, problem.hint, at_key=problem.at_key, late=True)
+        image_file, digest = None, None
+        image = values.get("image")
+        if isinstance(image, str) and image.strip() and not _URL.match(image):
+            # Checked even when other fields are wrong, so one run reports both.
+            image_file, digest = self._local_image(image, sources["image"])
+            if digest is None:
+                return None
+        if problems:
+            return None
+        image_url = None if image_file else image or next(iter(values.get("image_urls", [])), None)
+        return Job(
+            job_id="",
+            model=values["model"],
+            prompt=values["prompt"].strip(),
+            duration=int(values["duration"]) if "duration" in values else None,
+            resolution=values.get("resolution"),
+            aspect_ratio=values.get("aspect_ratio"),
+            image_url=image_url,
+            image_file=image_file,
+            image_sha256=digest,
+            manifest=self.path,
+            manifest_name=self.name,
+            line=_locate(self.doc, here)[1][0],
+        )
+
+    def _add(
+        self, index: int, job_id: str, job: Job | None, taken: dict[str, tuple[int, Pos]]
+    ) -> None:
+        """Keep a valid job under ``job_id``; refuse a taken id even for an invalid job."""
+        pos = _locate(self.doc, ("jobs", index))[1]
+        if job_id in taken:
+            first, first_pos = taken[job_id]
+            message = (
+                f"this entry yields job_id '{job_id}' twice: a matrix list repeats a value"
+                if first == index
+                else f"job_id '{job_id}' is already used by jobs[{first}] (line {first_pos[0]})"
+            )
+            hint = "for several takes of one request use 'repeat: N'; else give each job its own id"
+            self._report_at(("jobs", index), message, hint, late=True)
+            return
+        taken[job_id] = (index, pos)
+        if job is not None:
+            self.job_positions.append((replace(job, job_id=job_id), pos))
+
+    def _local_image(self, image: str, source: DocPath) -> tuple[str | None, str | None]:
+        """Absolute path and SHA-256 of a local image, or a reported problem and Nones."""
+        try:
+            path = (self.folder / image).resolve()
+        except (OSError, RuntimeError, ValueError):
+            path = self.folder / image
+        if path not in self._images:
+            self._images[path] = _inspect_image(path, self.folder)
+        digest, problem, hint = self._images[path]
+        if digest is None:
+            self._report_at(source, problem, hint, late=True)
+            return None, None
+        return str(path), digest
+
+    # -- reporting --
+
+    def _report_at(
+        self,
+        path: DocPath,
+        message: str,
+        hint: str | None,
+        *,
+        at_key: bool = False,
+        late: bool = False,
+    ) -> None:
+        shown, pos = _locate(self.doc, path, at_key=at_key)
+        self._report(pos, shown, message, hint, late=late)
+
+    def _report_all(self, prefix: DocPath, problems: list[Problem]) -> None:
+        for problem in problems:
+            path = (*prefix, *problem.path)
+            self._report_at(path, problem.message, problem.hint, at_key=problem.at_key)
+
+    def _report(
+        self, pos: Pos, path: str, message: str, hint: str | None = None, *, late: bool = False
+    ) -> None:
+        # A later stage re-checks values the schema stage already judged where they were
+        # written; one problem per place is enough.
+        if late and (pos[0], pos[1], path) in self._early:
+            return
+        if not late:
+            self._early.add((pos[0], pos[1], path))
+        self.diagnostics.append(Diagnostic(self.path, pos[0], pos[1], path, message, hint))
+
+    def _trim(self) -> None:
+        self.diagnostics = sorted(set(self.diagnostics), key=lambda d: (d.line, d.col, d.path))
+        if len(self.diagnostics) > MAX_DIAGNOSTICS:
+            extra = self.diagnostics[MAX_DIAGNOSTICS]
+            more = len(self.diagnostics) - MAX_DIAGNOSTICS
+            message = f"... and {more} more problems (only the first {MAX_DIAGNOSTICS} are shown)"
+            summary = replace(extra, path="", message=message, hint=None)
+            self.diagnostics = [*self.diagnostics[:MAX_DIAGNOSTICS], summary]
+
+
+def _matrix(entry: Any) -> dict[str, list[Any]] | None:
+    """The entry's usable matrix lists ({} without a matrix); None if the entry can't expand."""
+    if not isinstance(entry, dict):
+        return None
+    matrix = entry.get("matrix", {})
+    if not isinstance(matrix, dict) or not all(isinstance(v, list) and v for v in matrix.values()):
+        return None
+    return {key: values for key, values in matrix.items() if key in _JOB_FIELDS}
+
+
+def _base_id(entry: dict[str, Any], combo: dict[str, int], job: Job | None) -> str | None:
+    """The id of take 1 (see the schema's description); None if it needs an invalid job."""
+    given = entry.get("id")
+    if isinstance(given, str) and combo:
+        chosen = {key: entry["matrix"][key][i] for key, i in combo.items()}
+        return f"{given}-{_digest(chosen)[:12]}"
+    if isinstance(given, str):
+        return given
+    if job is None:
+        return None
+    slug = _slug(job.prompt)
+    return f"{slug}-{job.fingerprint[:12]}" if slug else job.fingerprint[:12]
+
+
+def _matrix_value(key: str, value: Any) -> Any:
+    # A matrix may list single URLs for image_urls; each stands for a one-item list.
+    return [value] if key == "image_urls" and isinstance(value, str) else value
+
+
+def _count(repeat: Any) -> int:
+    """``repeat`` as a count; an invalid one (reported by the schema) counts as 1."""
+    valid = isinstance(repeat, int | float) and not isinstance(repeat, bool) and repeat >= 1
+    return int(repeat) if valid and float(repeat).is_integer() else 1
+
+
+def _digest(value: Any) -> str:
+    canonical = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _slug(prompt: str, width: int = 24) -> str:
+    """The prompt's first ASCII words, for a readable default id ('' for e.g. Korean)."""
+    ascii_text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode()
+    slug = ""
+    for word in re.findall(r"[a-z0-9]+", ascii_text.lower()):
+        longer = f"{slug}-{word}" if slug else word[:width]
+        if len(longer) > width:
+            break
+        slug = longer
+    return slug
+
+
+def _locate(doc: Any, path: DocPath, *, at_key: bool = False) -> tuple[str, Pos]:
+    """A readable path and the position of ``path`` in the document, or of its deepest part."""
+    node, pos, shown = doc, getattr(doc, "pos", (1, 1)), ""
+    for n, step in enumerate(path):
+        if isinstance(node, _Map) and isinstance(step, str) and step in node:
+            last = n == len(path) - 1
+            empty = node[step] is None  # an empty value's mark is the next token's
+            pos = node.key_pos[step] if (at_key and last) or empty else node.value_pos[step]
+            shown += _key_text(step, first=not shown)
+        elif isinstance(node, _Seq) and isinstance(step, int) and 0 <= step < len(node):
+            pos = node.item_pos[step]
+            shown += f"[{step}]"
+        else:
+            break
+        node = node[step]
+    return shown, pos
+
+
+def _key_text(key: str, *, first: bool) -> str:
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_./-]*", key):
+        return key if first else f".{key}"
+    return f"[{json.dumps(key, ensure_ascii=False)}]"
+
+
+def _inspect_image(path: Path, folder: Path) -> tuple[str | None, str, str | None]:
+    """(SHA-256 of the content, "", None) for a usable image, else (None, problem, hint)."""
+    try:
+        if not path.is_file():
+            if path.exists():
+                return None, f"{path} is not a file", None
+            hint = f"a relative path starts at the manifest's folder ({folder.absolute()})"
+            return None, f"image file {path} does not exist", hint
+        size = path.stat().st_size
+        if size > MAX_IMAGE_BYTES:
+            message = f"image {path} is {size / 1e6:.1f} MB; Sora takes at most 10 MB"
+            return None, message, "shrink or recompress it"
+        with path.open("rb") as stream:
+            content = stream.read(MAX_IMAGE_BYTES + 1)
+    except (OSError, ValueError) as exc:
+        return None, f"cannot read image {path}: {getattr(exc, 'strerror', None) or exc}", None
+    kind = next((name for magic, name in _IMAGE_MAGIC if content.startswith(magic)), None)
+    if content[:4] == b"RIFF" and content[8:12] == b"WEBP":
+        kind = "WebP"
+    if kind is None:
+        message = f"{path} is not a JPEG, PNG or WebP image (judged by its content)"
+        return None, message, "convert it to PNG or JPEG"
+    return hashlib.sha256(content).hexdigest(), "", None

@@ -1,0 +1,189 @@
+"""What a run would do, without the network: the expanded jobs, totals and estimated cost."""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from typing import Any
+
+from runner.manifest import Manifest
+from runner.models import Job
+from runner.pricing import DEFAULT_PRICES, DEFAULT_SOURCES, price_key, rate
+
+_NO_SKIPS: Mapping[str, str] = {}
+_PROMPT_WIDTH = 48
+_IMAGE_WIDTH = 20
+_ID_WIDTH = 36
+_ACTION_WIDTH = 28
+#: What every cost figure is, said wherever one is shown.
+NOTE = "an estimate, not a quote: APIMart publishes no price table and bills per second"
+
+
+def render_plan(
+    manifests: Sequence[Manifest],
+    prices: Mapping[str, float],
+    skipped: Mapping[str, str] = _NO_SKIPS,
+) -> str:
+    """A human table of every job, totals per model and the estimated cost.
+
+    Args:
+        manifests: loaded manifests, in the order given.
+        prices: USD per second by ``MODEL/RESOLUTION`` (``pricing.merged_prices``).
+        skipped: job_id -> why a run would not send it (from the ledger).
+    """
+    jobs = [job for manifest in manifests for job in manifest.jobs]
+    counts = f"{_count(len(manifests), 'manifest')}, {_count(len(jobs), 'job')}"
+    lines = [f"Plan (nothing is sent): {counts}"]
+    for manifest in manifests:
+        lines += ["", f"{manifest.path} ({manifest.name}): {_count(len(manifest.jobs), 'job')}"]
+        lines += _table(manifest.jobs, skipped)
+    data = plan_json(manifests, prices, skipped)
+    totals = data["totals"]
+    lines += ["", "Totals (jobs to send)"]
+    rows = [["MODEL", "JOBS", "SECONDS", "EST. USD"]]
+    for model, row in totals["by_model"].items():
+        rows.append([model, str(row["jobs"]), str(row["seconds"]), f"{row['estimated_usd']:.2f}"])
+    all_usd = f"{totals['estimated_usd']:.2f}"
+    rows.append(["all", str(totals["jobs"]), str(totals["seconds"]), all_usd])
+    lines += _columns(rows, right={1, 2, 3})
+    if totals["skipped"]:
+        lines.append(f"  {_count(totals['skipped'], 'job')} skipped (see ACTION)")
+    lines += ["", f"Estimated cost: ${totals['estimated_usd']:.2f} ({NOTE})."]
+    used = ", ".join(
+        f"{key} {price['usd_per_second']:g} ({price['source']})"
+        for key, price in data["prices"].items()
+    )
+    if used:
+        lines.append(f"Prices used, USD per second: {used}.")
+    lines.append("Override them with --price MODEL/RESOLUTION=USD or a 'prices:' block.")
+    lines.append("* = the API's default (the field is left out of the request).")
+    return "\n".join(lines)
+
+
+def plan_json(
+    manifests: Sequence[Manifest],
+    prices: Mapping[str, float],
+    skipped: Mapping[str, str] = _NO_SKIPS,
+) -> dict[str, Any]:
+    """The plan as plain data with stable keys (for ``plan --json``)."""
+    jobs: list[dict[str, Any]] = []
+    by_model: dict[str, dict[str, Any]] = {}
+    used: dict[str, dict[str, Any]] = {}
+    for job in (job for manifest in manifests for job in manifest.jobs):
+        key = price_key(job.model, job.effective_resolution)
+        usd_per_second = rate(job, prices)
+        cost = job.seconds * usd_per_second
+        skip = skipped.get(job.job_id)
+        jobs.append(_job_json(job, cost, skip))
+        if skip is not None:
+            continue
+        used[key] = {
+            "usd_per_second": usd_per_second,
+            "source": _source(prices, key, usd_per_second),
+        }
+        row = by_model.setdefault(job.model, {"jobs": 0, "seconds": 0, "estimated_usd": 0.0})
+        row["jobs"] += 1
+        row["seconds"] += job.seconds
+        row["estimated_usd"] = round(row["estimated_usd"] + cost, 6)
+    return {
+        "estimate": True,
+        "currency": "USD",
+        "note": NOTE,
+        "manifests": [
+            {"path": m.path, "name": m.name, "jobs": len(m.jobs), "prices": dict(m.prices)}
+            for m in manifests
+        ],
+        "jobs": jobs,
+        "totals": {
+            "jobs": sum(row["jobs"] for row in by_model.values()),
+            "skipped": sum(1 for job in jobs if job["skip"] is not None),
+            "seconds": sum(row["seconds"] for row in by_model.values()),
+            "estimated_usd": round(sum(row["estimated_usd"] for row in by_model.values()), 6),
+            "by_model": dict(sorted(by_model.items())),
+        },
+        "prices": dict(sorted(used.items())),
+    }
+
+
+def _source(prices: Mapping[str, float], key: str, usd_per_second: float) -> str:
+    """Where a price came from: a PriceTable knows; else it is built-in or was given."""
+    sources: Mapping[str, str] = getattr(prices, "sources", {})
+    if key in sources:
+        return sources[key]
+    return DEFAULT_SOURCES[key] if DEFAULT_PRICES.get(key) == usd_per_second else "given"
+
+
+def _job_json(job: Job, cost: float, skip: str | None) -> dict[str, Any]:
+    """Every Job field, plus what the plan adds (billed seconds, identity, cost, skip)."""
+    extra = {"seconds": job.seconds, "fingerprint": job.fingerprint}
+    return {**asdict(job), **extra, "estimated_usd": round(cost, 6), "skip": skip}
+
+
+def _table(jobs: Sequence[Job], skipped: Mapping[str, str]) -> list[str]:
+    """One row per job; an ACTION column ("run" / "skip: why") only when something is skipped."""
+    head = ["ACTION"] if skipped else []
+    head += ["ID", "MODEL", "SECS", "RES", "ASPECT", "IMAGE", "PROMPT"]
+    rows = [head]
+    for job in jobs:
+        reason = skipped.get(job.job_id)
+        action = [_fit(f"skip: {reason}" if reason else "run", _ACTION_WIDTH)] if skipped else []
+        rows.append([
+            *action,
+            _fit(job.job_id, _ID_WIDTH),
+            job.model,
+            f"{job.seconds}" if job.duration is not None else f"{job.seconds}*",
+            job.resolution or f"{job.effective_resolution}*",
+            job.aspect_ratio or "-",
+            _fit(_image(job), _IMAGE_WIDTH),
+            _fit(" ".join(job.prompt.split()), _PROMPT_WIDTH),
+        ])  # fmt: skip
+    return _columns(rows, right={head.index("SECS")})
+
+
+def _image(job: Job) -> str:
+    if job.image_file:
+        return "file:" + job.image_file.replace("\\", "/").rsplit("/", 1)[-1]
+    if job.image_url:
+        return "url:" + job.image_url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    return "-"
+
+
+def _columns(rows: list[list[str]], right: set[int]) -> list[str]:
+    """Rows as aligned text; widths count wide (e.g. Hangul) characters as two columns."""
+    widths = [max(_width(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = []
+        for i, cell in enumerate(row):
+            pad = " " * (widths[i] - _width(cell))
+            cells.append(pad + cell if i in right else cell + pad)
+        lines.append(("  " + "  ".join(cells)).rstrip())
+    return lines
+
+
+def _width(text: str) -> int:
+    return sum(_char_width(char) for char in text)
+
+
+def _char_width(char: str) -> int:
+    if unicodedata.combining(char) or unicodedata.category(char) in ("Cf", "Mn", "Me"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def _fit(text: str, width: int) -> str:
+    """``text`` cut to ``width`` display columns, ending in '…' when cut."""
+    if _width(text) <= width:
+        return text
+    out, used = "", 0
+    for char in text:
+        if used + _char_width(char) > width - 1:
+            break
+        out += char
+        used += _char_width(char)
+    return out + "…"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"

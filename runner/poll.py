@@ -1,0 +1,180 @@
+"""Poll tasks to a terminal state, appending a ledger row whenever one changes.
+
+Polling is idempotent, so every transient failure (network, 429, 5xx) is retried
+with backoff and never turns a task into ``failed``. A task id the API no longer
+knows (HTTP 400) is recorded as ``not_found`` once and not polled again.
+Tasks wait in one heap ordered by their next poll time: memory is one small
+entry per running task, whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from runner.api import Client, TaskState
+from runner.errors import FatalApiError, RejectedError, RetryableError
+from runner.retry import RetryPolicy
+from runner.schedule import Clock, Limiter, Sleep
+from runner.submit import Recorder
+
+#: Last statuses after which a task is not polled any more.
+DONE_STATES = frozenset({"completed", "failed", "cancelled", "not_found", "downloaded"})
+#: Last statuses that have a task to poll.
+POLLABLE_STATES = frozenset({"submitted", "pending", "processing"})
+
+
+@dataclass(frozen=True, slots=True)
+class PollTiming:
+    """When to poll: ``first`` s after submission, then growing by ``growth`` up to ``interval``."""
+
+    first: float = 10.0
+    interval: float = 30.0
+    growth: float = 1.5
+    deadline: float | None = None
+
+
+def iso_utc(ts: float) -> str:
+    """A unix time as ``2026-11-25T07:30:00Z``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def state_cells(state: TaskState) -> dict[str, object]:
+    """The ledger cells a task state fills."""
+    return {
+        "status": state.status,
+        "progress": state.progress,
+        "video_url": state.video_urls[0] if state.video_urls else None,
+        "expires_at": iso_utc(state.expires_at) if state.expires_at else None,
+        "thumbnail_url": state.thumbnail_url,
+        "cost": state.cost,
+        "error": state.error,
+    }
+
+
+@dataclass
+class Poller:
+    """Polls every task it is given until each is terminal, the deadline passes, or ``stop``.
+
+    ``on_terminal`` is called with the job id of each task that reaches ``completed``
+    (the download stage hooks in there).
+    """
+
+    client: Client
+    ledger: Recorder
+    limiter: Limiter
+    policy: RetryPolicy
+    stop: asyncio.Event
+    timing: PollTiming = field(default_factory=PollTiming)
+    on_completed: Callable[[str], None] | None = None
+    repeat: bool = True
+    clock: Clock = time.monotonic
+    sleep: Sleep = asyncio.sleep
+    counts: Counter[str] = field(default_factory=Counter)
+    fatal: FatalApiError | None = None
+    _heap: list[tuple[float, int, str, str, float]] = field(default_factory=list)
+    _seq: itertools.count[int] = field(default_factory=itertools.count)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _closed: bool = False
+    _busy: int = 0
+
+    def add(self, job_id: str, task_id: str, *, delay: float | None = None) -> None:
+        """Schedule a task's first poll (default: ``timing.first`` from now)."""
+        wait = self.timing.first if delay is None else delay
+        heapq.heappush(self._heap, (self.clock() + wait, next(self._seq), job_id, task_id, wait))
+        self._wake.set()
+
+    def close(self) -> None:
+        """No more tasks will be added; workers return once the heap drains."""
+        self._closed = True
+        self._wake.set()
+
+    @property
+    def waiting(self) -> int:
+        """Tasks not yet terminal."""
+        return len(self._heap) + self._busy
+
+    async def work(self) -> None:
+        """One polling worker; run several concurrently."""
+        while (item := await self._next()) is not None:
+            _, _, job_id, task_id, gap = item
+            self._busy += 1
+            try:
+                state = await self._poll(job_id, task_id)
+            finally:
+                self._busy -= 1
+            if self.repeat and (state is None or not state.terminal):
+                if state is None and (self.fatal or self.stop.is_set()):
+                    continue
+                self.add(job_id, task_id, delay=min(self.timing.interval,
+                                                     max(gap, 0.001) * self.timing.growth))
+            self._wake.set()
+
+    async def _next(self) -> tuple[float, int, str, str, float] | None:
+        while not self.stop.is_set():
+            deadline = self.timing.deadline
+            if deadline is not None and self.clock() >= deadline:
+                return None
+            timeout: float | None = None
+            if self._heap:
+                timeout = self._heap[0][0] - self.clock()
+                if timeout <= 0:
+                    return heapq.heappop(self._heap)
+            elif self._closed and not self._busy:
+                return None
+            if deadline is not None:
+                timeout = min(timeout if timeout is not None else deadline, deadline - self.clock())
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+        return None
+
+    async def _poll(self, job_id: str, task_id: str) -> TaskState | None:
+        """Poll once (with retries for transient errors); record a row if anything changed."""
+        started = self.clock()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self.limiter.slot():
+                    state = await self.client.get_task(task_id)
+            except RetryableError as exc:
+                if exc.status == 429:
+                    self.limiter.throttled(self.policy.wait(attempt, exc.retry_after))
+                if attempt >= self.policy.attempts or self.clock() - started > self.policy.timeout:
+                    self.counts["poll errors"] += 1
+                    return None  # try again at the next scheduled poll
+                if self.stop.is_set():
+                    return None
+                if exc.status != 429:
+                    await self.sleep(self.policy.wait(attempt, exc.retry_after))
+                continue
+            except RejectedError as exc:
+                self.ledger.append(job_id, status="not_found",
+                                   error=f"the API no longer knows task {task_id}: {exc.message}")
+                self.counts["not_found"] += 1
+                return TaskState(task_id=task_id, status="not_found")
+            except FatalApiError as exc:
+                self.fatal = self.fatal or exc
+                self.stop.set()
+                return None
+            self.limiter.succeeded()
+            self._record(job_id, state)
+            return state
+
+    def _record(self, job_id: str, state: TaskState) -> None:
+        row: Mapping[str, str] = self.ledger.latest.get(job_id, {})
+        cells = state_cells(state)
+        changed = any(str(v if v is not None else "") != row.get(k, "") for k, v in cells.items())
+        if changed:
+            self.ledger.append(job_id, **cells)
+        if state.terminal:
+            self.counts[state.status] += 1
+            if state.status == "completed" and self.on_completed is not None:
+                self.on_completed(job_id)

@@ -1,0 +1,127 @@
+"""``report``: the append-only ledger collapsed to one row per job, with what to do next."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from runner import pricing
+from runner.download import expires_ts
+from runner.ledger import COLUMNS, read_latest, write_csv
+from runner.models import Job
+
+EXPIRING_WITHIN = 24 * 3600.0
+_TABLE = (("job_id", 28), ("status", 11), ("task_id", 32), ("progress", 8), ("expires_at", 20),
+          ("cost", 7), ("error", 40))
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """The collapsed ledger and what it means."""
+
+    ledger: str
+    rows: Sequence[Mapping[str, str]]
+    totals: Mapping[str, int]
+    estimated_usd: float
+    reported_usd: float
+    expiring: Sequence[str]
+    next_steps: Sequence[str]
+
+
+def build_report(ledger: str, *, now: float | None = None) -> Report:
+    """Read ``ledger`` (without locking it) and summarise it."""
+    now = time.time() if now is None else now
+    rows = list(read_latest(ledger).values())
+    totals = Counter(row.get("status", "") for row in rows)
+    estimated = sum(_estimate(row) for row in rows if row.get("task_id"))
+    reported = sum(_float(row.get("cost", "")) for row in rows)
+    expiring = [row["job_id"] for row in rows if row.get("status") == "completed"
+                and (exp := expires_ts(row)) is not None and now < exp <= now + EXPIRING_WITHIN]
+    return Report(ledger, rows, dict(totals), estimated, reported, expiring,
+                  _next_steps(ledger, rows, totals, now))
+
+
+def _next_steps(
+    ledger: str, rows: Sequence[Mapping[str, str]], totals: Mapping[str, int], now: float
+) -> list[str]:
+    steps = []
+    manifests = sorted({row.get("manifest", "") for row in rows if row.get("manifest")})
+    files = " ".join(manifests) or "MANIFEST"
+    if totals.get("unknown"):
+        steps.append(f"{totals['unknown']} unknown (may be billed): check the APIMart dashboard, "
+                     f"then: apimart-batch run {files} --resubmit-unknown")
+    if totals.get("error"):
+        steps.append(f"{totals['error']} not created (error): apimart-batch run {files}")
+    if totals.get("rejected"):
+        steps.append(f"{totals['rejected']} rejected: fix those jobs in {files} "
+                     f"(see the error column), then: apimart-batch run {files}")
+    running = sum(totals.get(s, 0) for s in ("submitted", "pending", "processing"))
+    if running:
+        steps.append(f"{running} still running: apimart-batch status {ledger} --wait")
+    expired = [r for r in rows if r.get("status") == "completed"
+               and (exp := expires_ts(r)) is not None and exp <= now]
+    fetchable = totals.get("completed", 0) - len(expired)
+    if fetchable > 0:
+        steps.append(f"{fetchable} completed, not downloaded: apimart-batch download {ledger}")
+    if expired:
+        steps.append(f"{len(expired)} links expired before download: give those jobs new ids "
+                     "to generate them again")
+    bad = totals.get("failed", 0) + totals.get("cancelled", 0) + totals.get("not_found", 0)
+    if bad:
+        steps.append(f"{bad} failed, cancelled or lost by the API (refunded per APIMart): "
+                     "give those jobs new ids to try again")
+    return steps
+
+
+def _estimate(row: Mapping[str, str]) -> float:
+    try:
+        job = Job(job_id=row.get("job_id", ""), model=row.get("model", ""), prompt="",
+                  duration=int(row["duration"]) if row.get("duration") else None,
+                  resolution=row.get("resolution") or None)
+        return pricing.estimate(job, pricing.DEFAULT_PRICES)
+    except (KeyError, ValueError):
+        return 0.0
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return 0.0
+
+
+def render_table(report: Report) -> str:
+    """A human table, totals, costs, expiring links and next steps."""
+    lines = ["  ".join(name.ljust(width) for name, width in _TABLE).rstrip()]
+    for row in report.rows:
+        cells = []
+        for name, width in _TABLE:
+            value = " ".join(row.get(name, "").split())
+            cells.append((value[: width - 1] + "…" if len(value) > width else value).ljust(width))
+        lines.append("  ".join(cells).rstrip())
+    totals = ", ".join(f"{n} {s}" for s, n in sorted(report.totals.items()))
+    lines += ["", f"{len(report.rows)} jobs: {totals or 'none'}",
+              f"cost: estimated ${report.estimated_usd:.2f} (an estimate from the price table), "
+              f"reported by APIMart ${report.reported_usd:.2f}"]
+    if report.expiring:
+        lines.append(f"links expiring within 24 h: {', '.join(report.expiring)}")
+    lines += [f"next: {step}" for step in report.next_steps]
+    return "\n".join(lines)
+
+
+def render_json(report: Report) -> str:
+    """The report as one JSON document."""
+    return json.dumps({
+        "ledger": report.ledger, "jobs": list(report.rows), "totals": report.totals,
+        "estimated_usd": round(report.estimated_usd, 2),
+        "reported_usd": round(report.reported_usd, 2),
+        "expiring_within_24h": list(report.expiring), "next": list(report.next_steps),
+    }, indent=2, ensure_ascii=False)
+
+
+def render_csv(report: Report) -> str:
+    """One CSV row per job: the latest state, in ledger columns."""
+    return write_csv(report.rows, COLUMNS)

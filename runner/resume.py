@@ -1,0 +1,73 @@
+"""Resume rules: given a job and its latest ledger row, send it or not, and why.
+
+These rules are what "never pay twice" rests on:
+
+- no row, or last status ``error`` (known not created): submit;
+- ``unknown`` (may exist and be billed): hold, unless ``--resubmit-unknown``, which
+  resends with the same Idempotency-Key so an honouring server replays it;
+- ``rejected``: hold while the request is unchanged (it would be refused again);
+- a task id exists (submitted and every later state): skip, already paid for;
+- the request changed since its row was written: hold and say so, unless
+  ``--resubmit-changed`` (a new, deliberate purchase); a rejected or errored job
+  whose request changed is simply submitted, since that is how it gets fixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from runner.models import Job
+
+Verdict = Literal["submit", "done", "unknown", "rejected", "changed"]
+
+#: Statuses that mean "a task was never created": safe to send again.
+NOT_CREATED = frozenset({"error"})
+#: Statuses that mean "it may exist": only --resubmit-unknown sends again.
+AMBIGUOUS = frozenset({"unknown", "submitting"})
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with one job this run, and the reason in words."""
+
+    job: Job
+    verdict: Verdict
+    reason: str
+
+
+def decide(
+    job: Job,
+    row: Mapping[str, str] | None,
+    *,
+    resubmit_unknown: bool = False,
+    resubmit_changed: bool = False,
+) -> Decision:
+    """Apply the resume rules to one job."""
+    if row is None:
+        return Decision(job, "submit", "new")
+    status = row.get("status", "")
+    task = row.get("task_id") or "?"
+    recorded = row.get("fingerprint", "")
+    if recorded and recorded != job.fingerprint:
+        if status in NOT_CREATED or status == "rejected":
+            return Decision(job, "submit", f"changed since it was {status}")
+        if resubmit_changed:
+            return Decision(job, "submit", "changed; resubmitted by --resubmit-changed")
+        what = f"submitted as task {task}" if status not in AMBIGUOUS else f"recorded as {status}"
+        return Decision(
+            job,
+            "changed",
+            f"request changed since it was {what}; give the job a new id to submit the new "
+            "request (or pass --resubmit-changed to pay for it under the same id)",
+        )
+    if status in NOT_CREATED:
+        return Decision(job, "submit", "retry after error")
+    if status in AMBIGUOUS:
+        if resubmit_unknown:
+            return Decision(job, "submit", "unknown; resent with the same Idempotency-Key")
+        return Decision(job, "unknown", "may have been created and billed (status unknown)")
+    if status == "rejected":
+        return Decision(job, "rejected", f"rejected by the API: {row.get('error') or '?'}")
+    return Decision(job, "done", f"already {status} (task {task})")

@@ -1,0 +1,61 @@
+"""What every network command shares: the API target (real or emulated) and signals."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from runner import emulator
+from runner.api import Secret
+from runner.console import Console
+
+#: Task length of the built-in emulator under --mock: long enough to show polling.
+MOCK_TASK_SECONDS = 3.0
+MOCK_KEY = Secret("mock-key-not-a-secret")
+
+
+async def connect(
+    stack: AsyncExitStack,
+    *,
+    mock: bool,
+    config_key: Secret | None,
+    base_url: str,
+    console: Console,
+) -> tuple[str, Secret]:
+    """The base URL and key to use; with ``mock``, start the emulator in this process."""
+    if not mock:
+        assert config_key is not None  # the CLI refuses a real run without a key
+        return base_url, config_key
+    running = await stack.enter_async_context(
+        emulator.running(emulator.EmulatorConfig(task_seconds=MOCK_TASK_SECONDS))
+    )
+    console.info(f"--mock: using the built-in APIMart emulator at {running.base_url}; "
+                 "nothing real is sent and nothing is billed")
+    return running.base_url, MOCK_KEY
+
+
+@asynccontextmanager
+async def interrupts(stop: asyncio.Event) -> AsyncIterator[list[int]]:
+    """First SIGINT/SIGTERM: set ``stop`` (start nothing new); a second SIGINT: cancel now.
+
+    Yields the list of signals caught, for the exit code (130 or 143).
+    """
+    loop = asyncio.get_running_loop()
+    caught: list[int] = []
+    task = asyncio.current_task()
+
+    def handle(signum: int) -> None:
+        if caught and signum == signal.SIGINT and task is not None:
+            task.cancel()
+        caught.append(signum)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, handle, signum)
+    try:
+        yield caught
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)

@@ -1,0 +1,141 @@
+"""Bounded, rate-limited, 429-adaptive scheduling of API requests.
+
+``Limiter`` is the one gate every API request of a run passes: a hard bound on
+requests in flight, an optional requests-per-second rate, and an adaptive limit
+that halves when the API answers 429 (with a pause shared by all workers, so they
+do not retry in lockstep) and grows back by one per window of successes.
+``run_pool`` feeds items to N workers without creating a task per item up front,
+so memory stays flat in the number of jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class Limiter:
+    """At most ``limit`` requests in flight, at most ``rate`` starts per second.
+
+    Args:
+        limit: the hard bound on requests in flight (the adaptive limit never exceeds it).
+        rate: starts per second, or None for no rate limit.
+        clock, sleep: injectable time, for tests.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        *,
+        rate: float | None = None,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        if limit < 1:
+            msg = f"'concurrency' must be > 0, got {limit}"
+            raise ValueError(msg)
+        if rate is not None and rate <= 0:
+            msg = f"'rate' must be > 0, got {rate}"
+            raise ValueError(msg)
+        self.max_limit = limit
+        self.limit = limit
+        self.in_flight = 0
+        self.peak = 0
+        self.throttles = 0
+        self._interval = 1.0 / rate if rate else 0.0
+        self._next_start = 0.0
+        self._pause_until = 0.0
+        self._successes = 0
+        self._clock = clock
+        self._sleep = sleep
+        self._cond = asyncio.Condition()
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one in-flight slot for the duration of a request."""
+        await self.acquire()
+        try:
+            yield
+        finally:
+            await self.release()
+
+    async def acquire(self) -> None:
+        """Wait for a free slot, the end of any shared pause, and the next rate tick."""
+        while True:
+            delay = self._pause_until - self._clock()
+            if delay > 0:
+                await self._sleep(delay)
+                continue
+            async with self._cond:
+                await self._cond.wait_for(lambda: self.in_flight < self.limit)
+                # A 429 may have started a pause while we waited for the slot.
+                if self._pause_until <= self._clock():
+                    self.in_flight += 1
+                    break
+        self.peak = max(self.peak, self.in_flight)
+        if self._interval:
+            now = self._clock()
+            start = max(now, self._next_start)
+            self._next_start = start + self._interval
+            if start > now:
+                await self._sleep(start - now)
+
+    async def release(self) -> None:
+        """Give a slot back."""
+        async with self._cond:
+            self.in_flight -= 1
+            self._cond.notify_all()
+
+    def succeeded(self) -> None:
+        """Count a success: after a full window of them, allow one more in flight."""
+        if self.limit >= self.max_limit:
+            return
+        self._successes += 1
+        if self._successes >= self.limit:
+            self._successes = 0
+            self.limit += 1
+
+    def throttled(self, wait: float) -> None:
+        """The API said 429: halve the limit and pause every worker for ``wait`` seconds."""
+        self.throttles += 1
+        self.limit = max(1, self.limit // 2)
+        self._successes = 0
+        self._pause_until = max(self._pause_until, self._clock() + wait)
+
+
+async def run_pool(
+    items: Iterable[T],
+    work: Callable[[T], Awaitable[None]],
+    *,
+    workers: int,
+    stop: asyncio.Event,
+) -> None:
+    """Run ``work`` on each item with ``workers`` coroutines; no new item after ``stop``.
+
+    Items are pulled lazily from one shared iterator, so a million jobs cost a
+    million iterations, not a million tasks.
+    """
+    iterator = iter(items)
+
+    async def worker() -> None:
+        while not stop.is_set():
+            item = next(iterator, _DONE)
+            if item is _DONE:
+                return
+            await work(item)  # type: ignore[arg-type]
+
+    async with asyncio.TaskGroup() as group:
+        for _ in range(workers):
+            group.create_task(worker())
+
+
+_DONE = object()

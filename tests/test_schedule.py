@@ -1,0 +1,111 @@
+"""Limiter and worker pool: hard bounds, rate, 429 adaptation."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from runner.schedule import Limiter, run_pool
+
+
+class FakeTime:
+    """A clock that only moves when something sleeps; concurrent sleeps overlap."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        target = self.now + seconds
+        await asyncio.sleep(0)
+        self.now = max(self.now, target)
+
+
+@pytest.mark.parametrize("limit", [1, 2, 5, 10])
+async def test_pool_never_exceeds_limit(limit):
+    """However many items, at most `limit` are in the slot at once, and all run."""
+    limiter = Limiter(limit)
+    running = peak = done = 0
+
+    async def work(_: int) -> None:
+        nonlocal running, peak, done
+        async with limiter.slot():
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            running -= 1
+            done += 1
+
+    await run_pool(range(50), work, workers=limit * 2, stop=asyncio.Event())
+    assert done == 50
+    assert 0 < peak <= limit
+    assert limiter.peak == peak
+
+
+async def test_pool_stops_taking_items_after_stop():
+    """Once stop is set, no further item is started."""
+    stop = asyncio.Event()
+    seen: list[int] = []
+
+    async def work(item: int) -> None:
+        seen.append(item)
+        if item == 3:
+            stop.set()
+
+    await run_pool(range(100), work, workers=1, stop=stop)
+    assert seen == [0, 1, 2, 3]
+
+
+async def test_rate_spaces_starts():
+    """With rate=2/s, starts are 0.5 s apart on the injected clock."""
+    fake = FakeTime()
+    limiter = Limiter(4, rate=2.0, clock=fake.clock, sleep=fake.sleep)
+    starts: list[float] = []
+
+    async def work(_: int) -> None:
+        async with limiter.slot():
+            starts.append(fake.now)
+
+    await run_pool(range(5), work, workers=4, stop=asyncio.Event())
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert len(starts) == 5
+    assert all(gap == pytest.approx(0.5) for gap in gaps)
+
+
+async def test_throttle_halves_limit_pauses_and_recovers():
+    """A 429 halves the limit and pauses everyone; successes grow it back to the maximum."""
+    fake = FakeTime()
+    limiter = Limiter(8, clock=fake.clock, sleep=fake.sleep)
+    limiter.throttled(5.0)
+    assert limiter.limit == 4
+    await limiter.acquire()
+    assert fake.now == pytest.approx(1005.0)
+    await limiter.release()
+    for _ in range(4 + 5 + 6 + 7):
+        limiter.succeeded()
+    assert limiter.limit == 8
+    limiter.succeeded()
+    assert limiter.limit == 8
+
+
+async def test_throttle_never_below_one():
+    """Repeated 429s leave one request in flight, never zero."""
+    limiter = Limiter(3)
+    for _ in range(5):
+        limiter.throttled(0.0)
+    assert limiter.limit == 1
+    assert limiter.throttles == 5
+
+
+@pytest.mark.parametrize("bad", [0, -1], ids=["zero", "negative"])
+def test_limit_must_be_positive(bad):
+    """A non-positive concurrency is refused with the parameter's name."""
+    with pytest.raises(ValueError, match="'concurrency' must be > 0"):
+        Limiter(bad)
