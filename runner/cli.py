@@ -227,7 +227,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_schema(args: argparse.Namespace) -> int:
     """``schema``: print the manifest JSON Schema."""
-    print(json.dumps(schemas.load_schema(), indent=2, ensure_ascii=False))
+    print(schemas.schema_text(), end="")
     return 0
 
 

@@ -19,31 +19,20 @@ import json
 import math
 import re
 import unicodedata
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, NoReturn, Protocol
-
-import yaml
-from yaml.composer import Composer, ComposerError
-from yaml.constructor import ConstructorError, SafeConstructor
-from yaml.error import Mark
-from yaml.events import Event
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
-from yaml.resolver import Resolver
+from typing import Any
 
 from runner.errors import Diagnostic, ManifestError
 from runner.models import Job
 from runner.schemas import Problem, explain, manifest_validators
+from runner.yamlfile import Pos, YamlMap, YamlSeq, parse_yaml
 
 #: Largest manifest file read, in bytes (bounds memory and parse time).
 MAX_MANIFEST_BYTES = 5 * 1024 * 1024
 #: Most jobs one manifest may expand to (after matrix and repeat).
 MAX_JOBS = 100_000
-#: Deepest nesting of lists and mappings, aliases included.
-MAX_NESTING = 64
-#: Most YAML nodes a document may expand to through aliases (stops "billion laughs").
-MAX_NODES = 1_000_000
 #: Largest local image, in bytes (Sora's own limit for ``image_urls``).
 MAX_IMAGE_BYTES = 10 * 1000 * 1000
 #: Most diagnostics printed per file; the rest are counted.
@@ -54,7 +43,6 @@ _IMAGE_FIELDS = ("image", "image_urls")
 _IMAGE_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"))
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
-Pos = tuple[int, int]
 DocPath = tuple[str | int, ...]
 
 
@@ -98,257 +86,6 @@ def load_manifests(paths: Sequence[str]) -> list[Manifest]:
     return manifests
 
 
-# --- YAML: strict, JSON-shaped, positions kept ---------------------------------------------
-
-
-class _Map(dict[str, Any]):
-    """A YAML mapping that remembers where it, its keys and its values stand."""
-
-    __slots__ = ("key_pos", "pos", "value_pos")
-
-    def __init__(self, pos: Pos) -> None:
-        super().__init__()
-        self.pos = pos
-        self.key_pos: dict[str, Pos] = {}
-        self.value_pos: dict[str, Pos] = {}
-
-
-class _Seq(list[Any]):
-    """A YAML sequence that remembers where it and its items stand."""
-
-    __slots__ = ("item_pos", "pos")
-
-    def __init__(self, pos: Pos) -> None:
-        super().__init__()
-        self.pos = pos
-        self.item_pos: list[Pos] = []
-
-
-def _pos(mark: Mark | None) -> Pos:
-    return (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
-
-
-class _Events(Protocol):
-    """Where the composer reads YAML events from: libyaml's parser, or PyYAML's own."""
-
-    def check_event(self, *choices: type[Event]) -> bool: ...
-    def peek_event(self) -> Event | None: ...
-    def get_event(self) -> Event | None: ...
-    def dispose(self) -> None: ...
-
-
-def _event_source(text: str) -> _Events:
-    try:
-        from yaml._yaml import CParser
-    except ImportError:  # PyYAML built without libyaml: its own parser gives the same events
-        return yaml.SafeLoader(text)
-    return CParser(text)
-
-
-class _Loader(Composer, SafeConstructor, Resolver):
-    """YAML as JSON Schema sees it: YAML 1.2 core scalars, no timestamps, no surprises.
-
-    Only ``true``/``false`` are booleans (``no`` stays text), ``16:9`` stays text (no
-    base-60 ints), dates stay text so the prompt is what was written, and duplicate keys
-    are reported instead of silently keeping the last one. Scanning and parsing run in
-    libyaml when PyYAML has it (about 8x faster); composing stays here, for the limits.
-    """
-
-    def __init__(self, text: str) -> None:
-        self.events = _event_source(text)
-        Composer.__init__(self)
-        SafeConstructor.__init__(self)
-        Resolver.__init__(self)
-        self.depth = 0
-        self.problems: list[tuple[Pos, str, str | None]] = []
-
-    def check_event(self, *choices: type[Event]) -> bool:
-        """Whether the next event is one of ``choices`` (the composer's input)."""
-        return self.events.check_event(*choices)
-
-    def peek_event(self) -> Event | None:
-        """The next event, left in place."""
-        return self.events.peek_event()
-
-    def get_event(self) -> Event | None:
-        """The next event, consumed."""
-        return self.events.get_event()
-
-    def compose_node(self, parent: Node | None, index: int) -> Node | None:
-        # PyYAML composes recursively: cap the depth before Python's recursion limit does.
-        self.depth += 1
-        try:
-            if self.depth > MAX_NESTING and parent is not None:
-                problem = f"nesting deeper than {MAX_NESTING} levels"
-                raise ComposerError(None, None, problem, parent.start_mark)
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
-
-
-def _construct_map(loader: _Loader, node: MappingNode) -> Iterator[_Map]:
-    data = _Map(_pos(node.start_mark))
-    yield data
-    first: dict[str, Pos] = {}
-    for key_node, _ in node.value:
-        if isinstance(key_node, ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-            where = _pos(key_node.start_mark)
-            if key_node.value in first:
-                line = first[key_node.value][0]
-                message = f"duplicate key '{key_node.value}' (first at line {line})"
-                hint = "YAML would silently keep only the last one: remove or rename one"
-                loader.problems.append((where, message, hint))
-            first.setdefault(key_node.value, where)
-    loader.flatten_mapping(node)
-    for key_node, value_node in node.value:
-        if not isinstance(key_node, ScalarNode):
-            message = "a key must be plain text, not a list or mapping"
-            loader.problems.append((_pos(key_node.start_mark), message, None))
-            continue
-        key = str(key_node.value)
-        data[key] = loader.construct_object(value_node)
-        data.key_pos[key] = _pos(key_node.start_mark)
-        data.value_pos[key] = _pos(value_node.start_mark)
-
-
-def _construct_seq(loader: _Loader, node: SequenceNode) -> Iterator[_Seq]:
-    data = _Seq(_pos(node.start_mark))
-    yield data
-    for child in node.value:
-        data.append(loader.construct_object(child))
-        data.item_pos.append(_pos(child.start_mark))
-
-
-def _construct_number(loader: _Loader, node: ScalarNode) -> int | float:
-    text = loader.construct_scalar(node)
-    try:
-        number: int | float = int(text) if node.tag.endswith(":int") else float(text)
-    except ValueError:
-        number = math.nan
-    if isinstance(number, float) and not math.isfinite(number):
-        problem = f"{text[:40]!r} is not a usable number (too large, or not a number)"
-        raise ConstructorError(None, None, problem, node.start_mark)
-    return number
-
-
-def _construct_bool(loader: _Loader, node: ScalarNode) -> bool:
-    text = loader.construct_scalar(node).lower()
-    if text not in ("true", "false"):
-        raise ConstructorError(None, None, f"{text!r} is not true or false", node.start_mark)
-    return text == "true"
-
-
-def _construct_str(loader: _Loader, node: ScalarNode) -> str:
-    return loader.construct_scalar(node)
-
-
-def _construct_null(loader: _Loader, node: ScalarNode) -> None:
-    return None
-
-
-def _construct_other(loader: _Loader, node: Node) -> NoReturn:
-    problem = f"the tag '{node.tag.replace('tag:yaml.org,2002:', '!!')}' is not supported"
-    raise ConstructorError(None, None, problem, node.start_mark)
-
-
-# Start from no implicit types at all, then add YAML 1.2 core's (no timestamps, no base 60).
-_Loader.yaml_implicit_resolvers = {}
-for _tag, _regexp, _first in (
-    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
-    ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
-    ("int", r"^[-+]?[0-9]+$", "-+0123456789"),
-    ("float", r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$", "-+.0123456789"),
-    ("merge", r"^(?:<<)$", "<"),
-):
-    _Loader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_regexp), list(_first))
-_Loader.yaml_constructors = {
-    "tag:yaml.org,2002:map": _construct_map,
-    "tag:yaml.org,2002:seq": _construct_seq,
-    "tag:yaml.org,2002:str": _construct_str,
-    "tag:yaml.org,2002:int": _construct_number,
-    "tag:yaml.org,2002:float": _construct_number,
-    "tag:yaml.org,2002:bool": _construct_bool,
-    "tag:yaml.org,2002:null": _construct_null,
-    None: _construct_other,
-}
-
-
-def _measure(node: Node) -> None:
-    """Refuse alias bombs and recursive aliases before anything walks the tree."""
-    known: dict[int, tuple[int, int]] = {}  # id(node) -> (nodes below, height)
-    active: set[int] = set()
-
-    def visit(node: Node, level: int) -> tuple[int, int]:
-        if id(node) in active:
-            problem = "an alias points into its own anchor (a recursive structure)"
-            raise ComposerError(None, None, problem, node.start_mark)
-        if id(node) not in known:
-            active.add(id(node))
-            children: list[Node] = []
-            if isinstance(node, SequenceNode):
-                children = list(node.value)
-            elif isinstance(node, MappingNode):
-                children = [n for pair in node.value for n in pair]
-            sizes = [visit(child, level + 1) for child in children]
-            height = 1 + max((h for _, h in sizes), default=0)
-            known[id(node)] = (1 + sum(s for s, _ in sizes), height)
-            active.discard(id(node))
-        size, height = known[id(node)]
-        if level + height > MAX_NESTING + 1:
-            problem = f"nesting deeper than {MAX_NESTING} levels (through aliases)"
-            raise ComposerError(None, None, problem, node.start_mark)
-        if size > MAX_NODES:
-            problem = f"the document expands to more than {MAX_NODES:,} values through aliases"
-            raise ComposerError(None, None, problem, node.start_mark)
-        return size, height
-
-    visit(node, 1)
-
-
-_YAML_HINTS = (
-    ("tab character", "indent with spaces; YAML does not allow tabs there"),
-    ("nesting", "a manifest needs only a few levels; check the brackets"),
-    ("mapping values are not allowed", "a value contains ': ' - put the whole value in quotes"),
-    ("undefined alias", "define the anchor (&name) before using it (*name)"),
-    ("constructor for the tag", "remove the tag: manifests hold text, numbers, lists, mappings"),
-    ("single document", "one manifest per file: remove the extra '---'"),
-    ("cannot start any token", "put the value in quotes"),
-    ("through aliases", "use defaults or a matrix instead of many nested aliases"),
-)
-
-
-def _parse_yaml(text: str) -> tuple[Any, list[tuple[Pos, str, str | None]]]:
-    """The document (None when unusable) and the YAML problems found, with positions."""
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None, [((1, 1), "the file has no content", "start with 'version: 1'")]
-        _measure(node)
-        return loader.construct_document(node), loader.problems
-    except yaml.MarkedYAMLError as exc:
-        where = _pos(exc.problem_mark or exc.context_mark)
-        message = " ".join(p for p in (exc.context, exc.problem) if p) or "invalid YAML"
-        if _char_at(text, where) == "\t":
-            message = "a tab character where YAML allows only spaces"
-        hint = next((h for key, h in _YAML_HINTS if key in message), None)
-        return None, [*loader.problems, (where, message, hint)]
-    except yaml.reader.ReaderError as exc:
-        before = text[: exc.position]
-        where = (before.count("\n") + 1, exc.position - before.rfind("\n"))
-        char = chr(exc.character) if isinstance(exc.character, int) else str(exc.character)
-        message = f"the control character U+{ord(char[:1] or ' '):04X} is not allowed in YAML"
-        return None, [(where, message, "remove it, or write it escaped in a quoted string")]
-    finally:
-        loader.events.dispose()
-
-
-def _char_at(text: str, pos: Pos) -> str:
-    lines = text.split("\n")
-    line = lines[pos[0] - 1] if 0 < pos[0] <= len(lines) else ""
-    return line[pos[1] - 1 : pos[1]]
-
-
 # --- one file --------------------------------------------------------------------------------
 
 
@@ -369,7 +106,7 @@ class _FileLoader:
         """The manifest, or None when it has problems (then ``diagnostics`` says which)."""
         text = self._read()
         if text is not None:
-            self.doc, problems = _parse_yaml(text)
+            self.doc, problems = parse_yaml(text)
             for pos, message, hint in problems:
                 self._report(pos, "", message, hint)
         if isinstance(self.doc, dict) and isinstance(self.doc.get("name"), str):
@@ -625,12 +362,12 @@ def _locate(doc: Any, path: DocPath, *, at_key: bool = False) -> tuple[str, Pos]
     """A readable path and the position of ``path`` in the document, or of its deepest part."""
     node, pos, shown = doc, getattr(doc, "pos", (1, 1)), ""
     for n, step in enumerate(path):
-        if isinstance(node, _Map) and isinstance(step, str) and step in node:
+        if isinstance(node, YamlMap) and isinstance(step, str) and step in node:
             last = n == len(path) - 1
             empty = node[step] is None  # an empty value's mark is the next token's
             pos = node.key_pos[step] if (at_key and last) or empty else node.value_pos[step]
             shown += _key_text(step, first=not shown)
-        elif isinstance(node, _Seq) and isinstance(step, int) and 0 <= step < len(node):
+        elif isinstance(node, YamlSeq) and isinstance(step, int) and 0 <= step < len(node):
             pos = node.item_pos[step]
             shown += f"[{step}]"
         else:

@@ -18,6 +18,7 @@ from runner import manifest as manifest_module
 from runner.errors import ManifestError
 from runner.manifest import Manifest, load_manifests
 from runner.schemas import MANIFEST_SCHEMA, load_schema, manifest_validators, schema_text
+from runner.yamlfile import parse_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +78,7 @@ ONE = "version: 1\ndefaults: {model: sora-2}\njobs:\n"
 )
 def test_scalars_are_read_the_json_way(scalar: str, expected: Any) -> None:
     """Only YAML 1.2 core types resolve; YAML 1.1 surprises stay the text written."""
-    doc, found = manifest_module._parse_yaml(f"value: {scalar}\n")
+    doc, found = parse_yaml(f"value: {scalar}\n")
     assert found == []
     assert doc["value"] == expected
     assert type(doc["value"]) is type(expected)
