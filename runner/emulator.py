@@ -404,10 +404,20 @@ class Emulator:
         _, action = gate
         if action == "reset":
             return self._drop(request, _fault("poll", action))
-        task = self._tasks.get(request.match_info["task_id"])
+        task = self._task(request.match_info["task_id"])
         if task is None:
             return contract.error(400, "Invalid task ID")
         return web.json_response({"code": 200, "data": self._view(task, str(request.url.origin()))})
+
+    def _task(self, task_id: str) -> _Task | None:
+        """The task behind an id; with ``adopt_tasks``, also one an earlier process created."""
+        task = self._tasks.get(task_id)
+        if task is None and self.config.adopt_tasks:
+            created = contract.ulid_seconds(task_id)
+            if created is not None and created <= self._clock():
+                task = _Task(task_id, created, "sora-2", 4, "720p", False, None)
+                self._tasks[task_id] = task
+        return task
 
     def _status(self, task: _Task) -> tuple[str, int]:
         """(status, progress) now: pending for the first 10%, then rising, then the outcome."""
@@ -457,7 +467,7 @@ class Emulator:
 
     def _finished(self, task_id: str) -> _Task | None:
         """The completed task behind a file name, while its links are valid."""
-        task = self._tasks.get(task_id)
+        task = self._task(task_id)
         if task is None or self._status(task)[0] != "completed":
             return None
         return task

@@ -44,6 +44,7 @@ class EmulatorConfig:
     quota_status: int = 402
     p_poll_error: float = 0.0
     p_download_reset: float = 0.0
+    adopt_tasks: bool = False
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -120,6 +121,8 @@ HELP: dict[str, str] = {
     "quota_status": "refusal once the quota is used: 402, or 403 insufficient_user_quota",
     "p_poll_error": "probability that a task query answers 500, 502 or 429",
     "p_download_reset": "probability that a video download stops halfway and drops",
+    "adopt_tasks": "answer for well-formed task ids of an earlier emulator process (as sora-2 "
+    "720p 4 s tasks created at the id's ULID time), so --mock ledgers outlive their run",
     "seed": "random seed, for reproducible ids, latencies and faults",
 }
 _CHOICES: dict[str, tuple[Any, ...]] = {

@@ -206,6 +206,17 @@ def ulid(milliseconds: int, randomness: int) -> str:
     return "".join(_CROCKFORD[(n >> shift) & 31] for shift in range(125, -1, -5))
 
 
+def ulid_seconds(task_id: str) -> float | None:
+    """The creation time (unix seconds) inside a ``task_<ULID>`` id, or None if malformed."""
+    body = task_id.removeprefix("task_")
+    if len(body) != 26 or body == task_id or any(c not in _CROCKFORD for c in body):
+        return None
+    n = 0
+    for char in body:
+        n = n * 32 + _CROCKFORD.index(char)
+    return (n >> 80) / 1000.0
+
+
 def cost(model: str, resolution: str, seconds: int) -> float:
     """USD billed for a completed task: seconds x the per-second rate."""
     return round(seconds * RATES[(model, resolution)], 4)

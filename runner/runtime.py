@@ -29,7 +29,9 @@ async def connect(
         assert config_key is not None  # the CLI refuses a real run without a key
         return base_url, config_key
     running = await stack.enter_async_context(
-        emulator.running(emulator.EmulatorConfig(task_seconds=MOCK_TASK_SECONDS))
+        emulator.running(
+            emulator.EmulatorConfig(task_seconds=MOCK_TASK_SECONDS, adopt_tasks=True)
+        )
     )
     console.info(f"--mock: using the built-in APIMart emulator at {running.base_url}; "
                  "nothing real is sent and nothing is billed")

@@ -24,7 +24,7 @@ from runner.emulator import (
     running,
     serve_forever,
 )
-from runner.emulator_contract import UPLOAD_MAX_BYTES, video_bytes
+from runner.emulator_contract import UPLOAD_MAX_BYTES, ulid, video_bytes
 from runner.errors import UsageError
 
 KEY = "test-key"
@@ -907,3 +907,23 @@ async def test_serve_forever_reports_its_url_and_serves(session):
     server.cancel()
     with pytest.raises(asyncio.CancelledError):
         await server
+
+
+@pytest.mark.parametrize("adopt", [True, False], ids=["adopting", "strict"])
+async def test_adopt_tasks_answers_for_ids_of_an_earlier_process(emulator, session, fake_clock,
+                                                                 adopt):
+    """With adopt_tasks, a well-formed id minted earlier elsewhere completes; else it is a 400."""
+    srv = await emulator(adopt_tasks=adopt)
+    earlier = "task_" + ulid(int((fake_clock() - 60) * 1000), 42)
+    answer = await call(session, "GET", f"{srv.base_url}/v1/tasks/{earlier}")
+    if not adopt:
+        assert answer.status == 400
+        return
+    assert answer.status == 200
+    assert answer.body["data"]["status"] == "completed"
+    video = answer.body["data"]["result"]["videos"][0]["url"][0]
+    fetched = await call(session, "GET", video, headers={})
+    assert fetched.status == 200
+    later = "task_" + ulid(int((fake_clock() + 60) * 1000), 42)
+    for bad in ("task_nope", later):
+        assert (await call(session, "GET", f"{srv.base_url}/v1/tasks/{bad}")).status == 400
