@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import signal
 import time
 from collections import Counter
@@ -22,6 +23,7 @@ from runner.errors import (
     EXIT_OK,
     EXIT_SIGINT,
     EXIT_SIGTERM,
+    RunnerError,
 )
 from runner.ledger import Ledger, open_ledger
 from runner.lifecycle import Media, default_out, prepare_out
@@ -234,7 +236,8 @@ async def _submit_all(
 
     async def work(job: Job) -> None:
         nonlocal done
-        await submitter(job)
+        if not await submitter(job):
+            return  # the run stopped while it waited for its turn: not sent, no row
         done += 1
         console.progress(done, len(jobs), submitter.counts)
         row = ledgers.latest.get(job.job_id, {})
@@ -246,25 +249,47 @@ async def _submit_all(
         if media is not None:
             media.poller.close()
 
-    async with interrupts(stop) as caught, asyncio.TaskGroup() as group:
-        group.create_task(submit_phase())
-        if media is not None:
-            media.resume(job.job_id for job in jobs)
-            group.create_task(media.run())
+    try:
+        async with interrupts(stop) as caught, asyncio.TaskGroup() as group:
+            group.create_task(submit_phase())
+            if media is not None:
+                media.resume(job.job_id for job in jobs)
+                group.create_task(media.run())
+    except* RunnerError as errors:
+        # e.g. the ledger cannot be written: say so plainly, not as a nested ExceptionGroup.
+        console.end_progress()
+        raise _first(errors) from None
     console.end_progress()
     outcome.elapsed = time.monotonic() - started
     outcome.counts.update(submitter.counts)
     if media is not None:
         outcome.counts.update(media.counts())
         outcome.still_running = media.poller.waiting
-    outcome.not_started = len(jobs) - done
     outcome.signal = caught[0] if caught else None
+    if signal.SIGINT in caught[1:]:
+        # A second Ctrl-C cut the requests in flight short: they may have created tasks.
+        for job in jobs:
+            if ledgers.latest.get(job.job_id, {}).get("status") == "submitting":
+                ledgers.append(job.job_id, status="unknown",
+                               error="cut off by a second interrupt; the task may exist")
+                outcome.counts["unknown"] += 1
+                done += 1
+    outcome.not_started = len(jobs) - done
     fatal = submitter.fatal or (media.fatal() if media is not None else None)
     if fatal is not None:
         what = ("APIMart says the balance is insufficient" if is_quota(fatal)
                 else f"APIMart refused the key or permission ({fatal.status})")
         then = "rerun after topping up" if is_quota(fatal) else "fix the key, then rerun"
         outcome.fatal = f"{what}; {outcome.not_started} jobs not submitted; {then}"
+
+
+def _first(group: BaseExceptionGroup[RunnerError]) -> RunnerError:
+    """The first error of a (nested) exception group."""
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    assert isinstance(first, RunnerError)
+    return first
 
 
 def _finish(
@@ -340,12 +365,23 @@ def _print_summary(
     if unknown:
         shown = ", ".join(unknown[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20
                                            else "")
-        manifests = " ".join(config.manifests)
         console.warn(
             f"{len(unknown)} jobs are 'unknown' (the API may have created and billed them): "
             f"{shown}\n  hint: check your APIMart dashboard; to resend them with the same "
-            f"Idempotency-Key run: apimart-batch run {manifests} --resubmit-unknown"
+            f"Idempotency-Key run: {resubmit_command(config)}"
         )
+
+
+def resubmit_command(config: RunConfig) -> str:
+    """The command that resends this run's 'unknown' jobs: same manifests, ledger and target."""
+    words = ["apimart-batch", "run", *config.manifests]
+    if config.ledger:
+        words += ["--ledger", config.ledger]
+    if config.mock:
+        words.append("--mock")
+    elif config.base_url.rstrip("/") != DEFAULT_BASE_URL:
+        words += ["--base-url", config.base_url]
+    return shlex.join([*words, "--resubmit-unknown"])
 
 
 def _write_json(path: str, data: Mapping[str, object]) -> None:

@@ -49,18 +49,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except ManifestError as exc:
-        for diagnostic in exc.diagnostics:
-            print(diagnostic, file=sys.stderr)
+        for d in exc.diagnostics:
+            _fail(args, str(d), file=d.file, line=d.line, col=d.col)
         count = len(exc.diagnostics)
-        print(f"{count} problem{'s' if count != 1 else ''} found; nothing was sent",
-              file=sys.stderr)
+        _fail(args, f"{count} problem{'s' if count != 1 else ''} found; nothing was sent")
         return exc.exit_code
     except RunnerError as exc:
-        print(f"apimart-batch: {exc}", file=sys.stderr)
+        _fail(args, f"apimart-batch: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
     return code
+
+
+def _fail(args: argparse.Namespace, text: str, **fields: object) -> None:
+    """Why a command failed, on stderr: as text, or one JSON object with --log-format json."""
+    if getattr(args, "log_format", "text") == "json":
+        text = json.dumps({"level": "error", "msg": text, **fields}, ensure_ascii=False)
+    print(text, file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -122,6 +122,7 @@ class Emulator:
         self._per_idempotency_key: Counter[str] = Counter()
         self._per_body: Counter[str] = Counter()
         self._per_sha256: Counter[str] = Counter()
+        self._idempotency_key_by_task: dict[str, str | None] = {}
         self._in_flight = self._peak_in_flight = 0
         self._submit_in_flight = self._peak_submit_in_flight = 0
         self._replays = self._conflicts = self._downloads = 0
@@ -204,6 +205,8 @@ class Emulator:
             "tasks_per_key": dict(self._per_key),
             "max_tasks_per_idempotency_key": max(self._per_idempotency_key.values(), default=0),
             "max_tasks_per_body": max(self._per_body.values(), default=0),
+            # As sent, even when --no-idempotency ignores it: which job each task belongs to.
+            "idempotency_key_by_task": dict(self._idempotency_key_by_task),
             "replays": self._replays,
             "idempotency_conflicts": self._conflicts,
             "uploads": self._per_sha256.total(),
@@ -341,6 +344,7 @@ class Emulator:
             return contract.quota_error(self.config.quota_status)
         else:
             task = self._create(body, key, idem, digest, action == "fail_task")
+            self._idempotency_key_by_task[task.id] = request.headers.get("Idempotency-Key")
         if action in _AFTER_CREATE:
             return self._refuse(int(action), _fault("submit", action))
         if action == "reset_after_create":

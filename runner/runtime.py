@@ -42,14 +42,18 @@ async def connect(
 async def interrupts(stop: asyncio.Event) -> AsyncIterator[list[int]]:
     """First SIGINT/SIGTERM: set ``stop`` (start nothing new); a second SIGINT: cancel now.
 
-    Yields the list of signals caught, for the exit code (130 or 143).
+    Yields the list of signals caught, for the exit code (130 or 143). The cancellation of
+    a second SIGINT ends at this block, so the caller still records what it can and exits.
     """
     loop = asyncio.get_running_loop()
     caught: list[int] = []
     task = asyncio.current_task()
+    aborted = False
 
     def handle(signum: int) -> None:
-        if caught and signum == signal.SIGINT and task is not None:
+        nonlocal aborted
+        if caught and signum == signal.SIGINT and task is not None and not aborted:
+            aborted = True
             task.cancel()
         caught.append(signum)
         stop.set()
@@ -58,6 +62,9 @@ async def interrupts(stop: asyncio.Event) -> AsyncIterator[list[int]]:
         loop.add_signal_handler(signum, handle, signum)
     try:
         yield caught
+    except asyncio.CancelledError:
+        if not aborted or task is None or task.uncancel() > 0:
+            raise
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)

@@ -23,6 +23,27 @@ Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 
+class Stopped(Exception):
+    """The run was stopped while a request waited for its turn: it was never sent."""
+
+
+async def sleep_unless(stop: asyncio.Event | None, seconds: float, sleep: Sleep) -> None:
+    """``sleep(seconds)``, cut short when ``stop`` is set; then raise Stopped if it is."""
+    if stop is None:
+        await sleep(seconds)
+        return
+    if not stop.is_set():
+        nap = asyncio.ensure_future(sleep(seconds))
+        woken = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait((nap, woken), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            nap.cancel()
+            woken.cancel()
+    if stop.is_set():
+        raise Stopped
+
+
 class Limiter:
     """At most ``limit`` requests in flight, at most ``rate`` starts per second.
 
@@ -60,23 +81,33 @@ class Limiter:
         self._cond = asyncio.Condition()
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold one in-flight slot for the duration of a request."""
-        await self.acquire()
+    async def slot(self, stop: asyncio.Event | None = None) -> AsyncIterator[None]:
+        """Hold one in-flight slot for the duration of a request.
+
+        Raises Stopped, holding no slot, when ``stop`` is set before the request may start.
+        """
+        await self.acquire(stop)
         try:
             yield
         finally:
             await self.release()
 
-    async def acquire(self) -> None:
-        """Wait for a free slot, the end of any shared pause, and the next rate tick."""
+    async def acquire(self, stop: asyncio.Event | None = None) -> None:
+        """Wait for a free slot, the end of any shared pause, and the next rate tick.
+
+        A set ``stop`` ends every wait at once with Stopped: a stopped run starts nothing.
+        """
+        stopped = stop.is_set if stop is not None else lambda: False
         while True:
             delay = self._pause_until - self._clock()
             if delay > 0:
-                await self._sleep(delay)
+                await sleep_unless(stop, delay, self._sleep)
                 continue
             async with self._cond:
-                await self._cond.wait_for(lambda: self.in_flight < self.limit)
+                # Waiters see a stop when the next in-flight request releases its slot.
+                await self._cond.wait_for(lambda: self.in_flight < self.limit or stopped())
+                if stopped():
+                    raise Stopped
                 # A 429 may have started a pause while we waited for the slot.
                 if self._pause_until <= self._clock():
                     self.in_flight += 1
@@ -87,7 +118,11 @@ class Limiter:
             start = max(now, self._next_start)
             self._next_start = start + self._interval
             if start > now:
-                await self._sleep(start - now)
+                try:
+                    await sleep_unless(stop, start - now, self._sleep)
+                except BaseException:
+                    await self.release()
+                    raise
 
     async def release(self) -> None:
         """Give a slot back."""

@@ -10,6 +10,7 @@ crash at any point leaves a trace that the next run turns into ``unknown``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections import Counter
@@ -29,7 +30,7 @@ from runner.errors import (
 )
 from runner.models import Job
 from runner.retry import RetryPolicy
-from runner.schedule import Clock, Limiter, Sleep
+from runner.schedule import Clock, Limiter, Sleep, Stopped, sleep_unless
 
 #: Uploaded image URLs live 72 h (apimart-api.md §5); reuse one only while it has
 #: this much life left, so the API can still fetch it while the task runs.
@@ -83,8 +84,11 @@ class Submitter:
     def __post_init__(self) -> None:
         self._reuse_uploads()
 
-    async def __call__(self, job: Job) -> None:
-        """Submit ``job`` and append its outcome to the ledger."""
+    async def __call__(self, job: Job) -> bool:
+        """Submit ``job`` and append its outcome to the ledger.
+
+        Returns False when the run was stopped before the job was sent (it has no new row).
+        """
         image_url = None
         if job.image_file:
             try:
@@ -93,29 +97,39 @@ class Submitter:
                 self._record(job, "error", attempts=0, error=f"image upload: {exc.message}")
                 if isinstance(exc, FatalApiError):
                     self._stop(exc)
-                return
-        self.ledger.append(
-            job.job_id, status="submitting", task_id=None, attempts=0, http_status=None,
-            error=None, **(job_fields(job) | self._image_cells(job, image_url)),
-        )
+                return True
         started = self.clock()
         attempt = 0
+        # After a failed try, what to record if the run stops before the next one.
+        pending: tuple[str, ApiError] | None = None
         while True:
             attempt += 1
             try:
-                async with self.limiter.slot():
+                async with self.limiter.slot(self.stop):
+                    if pending is None:
+                        self.ledger.append(
+                            job.job_id, status="submitting", task_id=None, attempts=0,
+                            http_status=None, error=None,
+                            **(job_fields(job) | self._image_cells(job, image_url)),
+                        )
                     done = await self.client.submit(job, image_url)
+            except Stopped:
+                if pending is None:
+                    return False
+                self._record(job, pending[0], attempt - 1, pending[1])
             except RetryableError as exc:
                 if exc.status == 429:
                     self.limiter.throttled(self.policy.wait(attempt, exc.retry_after))
                 if self._may_retry(attempt, started):
+                    pending = ("error", exc)
                     if exc.status != 429:
-                        await self.sleep(self.policy.wait(attempt, exc.retry_after))
+                        await self._pause(self.policy.wait(attempt, exc.retry_after))
                     continue
                 self._record(job, "error", attempt, exc)
             except AmbiguousError as exc:
                 if self.retry_ambiguous and self._may_retry(attempt, started):
-                    await self.sleep(self.policy.wait(attempt, exc.retry_after))
+                    pending = ("unknown", exc)
+                    await self._pause(self.policy.wait(attempt, exc.retry_after))
                     continue
                 self._record(job, "unknown", attempt, exc)
             except RejectedError as exc:
@@ -131,7 +145,12 @@ class Submitter:
                     http_status=done.http_status, error=note,
                 )
                 self.counts["submitted"] += 1
-            return
+            return True
+
+    async def _pause(self, seconds: float) -> None:
+        """Back off before a retry; a stop ends the pause early (the next slot says Stopped)."""
+        with contextlib.suppress(Stopped):
+            await sleep_unless(self.stop, seconds, self.sleep)
 
     def _may_retry(self, attempt: int, started: float) -> bool:
         within_time = self.clock() - started < self.policy.timeout
