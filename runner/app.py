@@ -36,6 +36,12 @@ from runner.runtime import connect, interrupts
 from runner.schedule import Limiter, run_pool
 from runner.submit import Submitter
 
+#: The order of the summary's counts: the pipeline's order.
+SUMMARY_ORDER = (
+    "submitted", "rejected", "error", "unknown", "already done", "already unknown",
+    "already rejected", "completed", "failed", "cancelled", "not_found", "poll errors",
+    "downloaded", "download errors", "expired",
+)  # fmt: skip
 #: Final states that a person has to look at: the run exits 1 while any job is in one.
 NEEDS_ACTION = frozenset({"rejected", "error", "unknown", "failed", "cancelled", "not_found"})
 
@@ -52,7 +58,6 @@ class RunConfig:
     max_jobs: int | None = None
     budget: float | None = None
     timeout: float = 60.0
-    max_attempts: int = 5
     retry_ambiguous: bool = False
     resubmit_unknown: bool = False
     resubmit_changed: bool = False
@@ -133,6 +138,11 @@ async def run(config: RunConfig, console: Console) -> int:
                        timeouts=Timeouts(submit=config.timeout))
             )
             await _submit_all(selected, client, ledgers, config, console, outcome)
+        # Only what reached the API may cost money: submitted, or unknown (maybe billed).
+        outcome.estimate = sum(
+            pricing.estimate(job, prices) for job in selected
+            if ledgers.latest.get(job.job_id, {}).get("status") not in (None, "error", "rejected")
+        )
         return _finish(outcome, ledgers, jobs, config, console)
 
 
@@ -147,8 +157,6 @@ def _open_ledgers(
         opened[path] = stack.enter_context(
             open_ledger(path, mock=config.mock, base_url=base_url, warn=console.warn)
         )
-    by_job = {job.job_id: opened[paths[m.path]] for m in manifests for job in m.jobs}
-    ledgers = Ledgers(by_job, list(opened.values()))
     for ledger in opened.values():
         for job_id, row in list(ledger.latest.items()):
             if row.get("status") == "submitting":
@@ -156,18 +164,12 @@ def _open_ledgers(
                               error="an earlier run stopped while submitting; the task may exist")
                 console.warn(f"{ledger.path}: job '{job_id}' was being submitted when an earlier "
                              "run stopped; it is now 'unknown' (it may exist and be billed)")
-    ledgers.latest = {k: v for lg in opened.values() for k, v in lg.latest.items()}
-    return ledgers
+    by_job = {job.job_id: opened[paths[m.path]] for m in manifests for job in m.jobs}
+    return Ledgers(by_job, list(opened.values()))
 
 
 def _decide(job: Job, ledgers: Ledgers, config: RunConfig) -> Decision:
-    row = ledgers.row(job.job_id)
-    if row is not None and row.get("manifest") and row.get("manifest") != job.manifest:
-        # Another manifest wrote this id into a shared ledger: never treat it as ours.
-        other = row.get("manifest")
-        return Decision(job, "changed", f"job id is already used by {other} in this ledger; "
-                        "give the job another id")
-    return decide(job, row, resubmit_unknown=config.resubmit_unknown,
+    return decide(job, ledgers.row(job.job_id), resubmit_unknown=config.resubmit_unknown,
                   resubmit_changed=config.resubmit_changed)
 
 
@@ -208,7 +210,6 @@ def _select(
                 selected = selected[:index]
                 break
             spend += cost
-    outcome.estimate = sum(pricing.estimate(job, prices) for job in selected)
     return selected
 
 
@@ -344,8 +345,10 @@ def _print_summary(
     summary: Mapping[str, object], outcome: Outcome, config: RunConfig, console: Console
 ) -> None:
     runs = outcome.counts
+    order = {name: i for i, name in enumerate(SUMMARY_ORDER)}
     rate = runs["submitted"] / outcome.elapsed if outcome.elapsed > 0 else 0.0
-    parts = [f"{n} {k}" for k, n in sorted(runs.items()) if n]
+    parts = [f"{n} {k}" for k, n in sorted(runs.items(), key=lambda kv: order.get(kv[0], 99))
+             if n]
     if outcome.held_by_max_jobs:
         parts.append(f"{outcome.held_by_max_jobs} held back by --max-jobs")
     if outcome.held_by_budget:
@@ -353,7 +356,8 @@ def _print_summary(
     if outcome.changed:
         parts.append(f"{len(outcome.changed)} changed (not resubmitted)")
     line = (f"{outcome.total} jobs: " + (", ".join(parts) or "nothing to do")
-            + f" in {outcome.elapsed:.1f}s ({rate:.1f}/s); estimated cost ${outcome.estimate:.2f}")
+            + f" in {outcome.elapsed:.1f}s ({rate:.1f}/s); estimated cost of what was sent "
+            f"${outcome.estimate:.2f}")
     if not console.quiet:
         print(line, flush=True)
     if outcome.fatal:

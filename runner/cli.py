@@ -35,7 +35,8 @@ EXIT_CODES = """\
 exit codes:
   0    every job submitted or already done (jobs held back by --max-jobs are fine)
   1    some jobs rejected, error, unknown, changed, failed; or stopped at --budget
-  2    invalid usage, manifest or ledger (nothing was sent)
+  2    invalid usage, manifest or ledger: nothing was sent (or, if the ledger
+       became unwritable mid-run, nothing more; the message names any task id)
   3    stopped by the API: key, permission or balance
   75   the ledger is in use by another run
   130  interrupted (SIGINT); 143: terminated (SIGTERM)
@@ -249,7 +250,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_jobs=args.max_jobs,
         budget=args.budget,
         timeout=args.timeout,
-        max_attempts=args.max_attempts,
         retry_ambiguous=args.retry_ambiguous,
         resubmit_unknown=args.resubmit_unknown,
         resubmit_changed=args.resubmit_changed,

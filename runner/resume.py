@@ -7,6 +7,7 @@ These rules are what "never pay twice" rests on:
   resends with the same Idempotency-Key so an honouring server replays it;
 - ``rejected``: hold while the request is unchanged (it would be refused again);
 - a task id exists (submitted and every later state): skip, already paid for;
+- the same id recorded for another manifest (a shared ledger): hold and say so;
 - the request changed since its row was written: hold and say so, unless
   ``--resubmit-changed`` (a new, deliberate purchase); a rejected or errored job
   whose request changed is simply submitted, since that is how it gets fixed.
@@ -61,6 +62,16 @@ def decide(
             "changed",
             f"request changed since it was {what}; give the job a new id to submit the new "
             "request (or pass --resubmit-changed to pay for it under the same id)",
+        )
+    recorded_key = row.get("idempotency_key", "")
+    if recorded_key and recorded_key != job.idempotency_key:
+        # Same id and request, another manifest name: two manifests share this ledger and id.
+        where = row.get("manifest") or "another manifest"
+        return Decision(
+            job,
+            "changed",
+            f"this job id is already recorded for {where} (another manifest name) in this "
+            "ledger; give the job another id, or use a separate --ledger",
         )
     if status in NOT_CREATED:
         return Decision(job, "submit", "retry after error")

@@ -25,6 +25,7 @@ from runner.errors import (
     AmbiguousError,
     ApiError,
     FatalApiError,
+    LedgerError,
     RejectedError,
     RetryableError,
 )
@@ -140,10 +141,16 @@ class Submitter:
             else:
                 self.limiter.succeeded()
                 note = "replayed by the API for the same Idempotency-Key" if done.replayed else None
-                self.ledger.append(
-                    job.job_id, status="submitted", task_id=done.task_id, attempts=attempt,
-                    http_status=done.http_status, error=note,
-                )
+                try:
+                    self.ledger.append(
+                        job.job_id, status="submitted", task_id=done.task_id, attempts=attempt,
+                        http_status=done.http_status, error=note,
+                    )
+                except LedgerError as exc:
+                    # The task exists and is paid for: its id must reach the user somehow.
+                    msg = (f"{exc}\n  job '{job.job_id}' WAS created as task {done.task_id}; "
+                           "the ledger could not record it, so note it before rerunning")
+                    raise LedgerError(msg) from exc
                 self.counts["submitted"] += 1
             return True
 

@@ -460,6 +460,24 @@ async def test_ledger_write_failure_is_a_plain_ledger_error(emulator, tmp_path, 
     assert submits(srv) == 1
 
 
+async def test_unrecordable_task_id_is_named_in_the_error(emulator, tmp_path, monkeypatch):
+    """If the 'submitted' row cannot be written, the error still names the paid-for task."""
+    real_append = Ledger.append
+
+    def append(self: Ledger, job_id: str, **changes: object) -> None:
+        if changes.get("status") == "submitted":
+            msg = f"{self.path}: cannot append a row (No space left on device)"
+            raise LedgerError(msg)
+        real_append(self, job_id, **changes)
+
+    monkeypatch.setattr(Ledger, "append", append)
+    srv = await emulator()
+    with pytest.raises(LedgerError) as caught:
+        await run_batch(srv, write_manifest(tmp_path, lake(2)), concurrency=1)
+    (task,) = srv.emulator.stats()["idempotency_key_by_task"]
+    assert f"WAS created as task {task}" in str(caught.value)
+
+
 async def test_locked_ledger_exits_75_before_sending(emulator, tmp_path):
     """While another holder has the ledger locked, a run fails at once naming that pid."""
     srv = await emulator()
