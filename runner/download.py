@@ -21,7 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlsplit
+from typing import IO, cast
+from urllib.parse import urlsplit, urlunsplit
 
 from runner.api import Client
 from runner.errors import ApiError, FatalApiError, RetryableError
@@ -52,6 +53,16 @@ def expires_ts(row: Mapping[str, str]) -> float | None:
         return None
 
 
+def needs_download(row: Mapping[str, str]) -> bool:
+    """Completed with a link, or downloaded but the file is gone or damaged."""
+    if row.get("status") == "completed":
+        return bool(row.get("video_url"))
+    if row.get("status") == "downloaded":
+        path = Path(row.get("file", ""))
+        return not (path.is_file() and str(path.stat().st_size) == row.get("bytes"))
+    return False
+
+
 @dataclass
 class Downloader:
     """Downloads videos of completed jobs into ``out``; share one instance between workers."""
@@ -66,6 +77,9 @@ class Downloader:
     sleep: Sleep = asyncio.sleep
     counts: Counter[str] = field(default_factory=Counter)
     fatal: FatalApiError | None = None
+    #: A --mock ledger's links name the emulator of the process that polled them, whose
+    #: port is gone: they are fetched from this origin (the emulator of this process).
+    origin: str | None = None
 
     def pending(self) -> list[str]:
         """Job ids to download now, the links that expire soonest first."""
@@ -75,17 +89,14 @@ class Downloader:
 
     def needs_download(self, row: Mapping[str, str]) -> bool:
         """Completed with a link, or downloaded but the file is gone or damaged."""
-        if row.get("status") == "completed":
-            return bool(row.get("video_url"))
-        if row.get("status") == "downloaded":
-            path = Path(row.get("file", ""))
-            return not (path.is_file() and str(path.stat().st_size) == row.get("bytes"))
-        return False
+        return needs_download(row)
 
     async def __call__(self, job_id: str) -> None:
         """Download one job's video and record ``downloaded`` (or why not)."""
         row = self.ledger.latest[job_id]
         url = row.get("video_url", "")
+        if self.origin is not None:
+            url = _rebase(url, self.origin)
         expires = expires_ts(row)
         if expires is not None and expires <= self.wall_clock():
             self._fail(job_id, f"the video link expired at {row.get('expires_at')}; it can no "
@@ -107,25 +118,30 @@ class Downloader:
                 self._fail(job_id, exc.message, "download errors")
             except ApiError as exc:
                 self._fail(job_id, exc.message, "download errors")
-            except OSError as exc:
-                self._fail(job_id, f"{target}: cannot write the video: {exc.strerror}",
-                           "download errors")
+            except (OSError, _DiskError) as exc:
+                error = exc.error if isinstance(exc, _DiskError) else exc
+                self._fail(job_id, f"{target}: cannot write the video: "
+                           f"{error.strerror or error}", "download errors")
             else:
-                self.ledger.append(job_id, status="downloaded", file=str(target), bytes=size,
-                                   error=None)
+                # Absolute, so a rerun from another folder still finds the file intact.
+                self.ledger.append(job_id, status="downloaded", file=str(target.absolute()),
+                                   bytes=size, error=None)
                 self.counts["downloaded"] += 1
             return
 
     def _fail(self, job_id: str, message: str, count_as: str) -> None:
-        # The job stays 'completed' so the next run tries again while the link lives.
-        self.ledger.append(job_id, status="completed", error=message)
+        # The job stays 'completed' so the next run tries again while the link lives;
+        # the same failure again (an expired link) adds no row, so a rerun stays a no-op.
+        row = self.ledger.latest.get(job_id, {})
+        if row.get("status") != "completed" or row.get("error") != message:
+            self.ledger.append(job_id, status="completed", error=message)
         self.counts[count_as] += 1
 
     async def _fetch(self, url: str, target: Path) -> int:
         tmp = target.with_name(f".{target.name}.part{os.getpid()}")
         try:
             with tmp.open("wb") as out:
-                size = await self.client.download(url, out)
+                size = await self.client.download(url, cast("IO[bytes]", _Disk(out)))
                 out.flush()
                 os.fsync(out.fileno())
             tmp.replace(target)
@@ -135,6 +151,37 @@ class Downloader:
             raise
         _fsync_dir(target.parent)
         return size
+
+
+def _rebase(url: str, origin: str) -> str:
+    """``url`` with the scheme and host of ``origin``."""
+    base = urlsplit(origin)
+    return urlunsplit(urlsplit(url)._replace(scheme=base.scheme, netloc=base.netloc))
+
+
+class _DiskError(Exception):
+    """Writing a video to disk failed: a local fault, never retried like a network one."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Disk:
+    """The temporary file as the client sees it: a failed write raises ``_DiskError``.
+
+    The client reads every ``OSError`` during a download as a broken connection, which
+    would retry a full disk as if the network had failed.
+    """
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as exc:
+            raise _DiskError(exc) from exc
 
 
 def _fsync_dir(path: Path) -> None:

@@ -71,14 +71,15 @@ class Media:
         out: Path | None,
         poll: bool = True,
         repeat: bool = True,
+        origin: str | None = None,
     ) -> None:
         self.workers = config.concurrency
         self._queue = asyncio.PriorityQueue()
         self._poll = poll
         self.downloader = None
         if out is not None:
-            self.downloader = Downloader(client, ledger, out,
-                                         Limiter(config.concurrency), config.policy)
+            self.downloader = Downloader(client, ledger, out, Limiter(config.concurrency),
+                                         config.policy, origin=origin)
         self.poller = Poller(client, ledger, limiter, config.policy, stop, config.timing,
                              on_completed=self._completed if out else None, repeat=repeat)
         self._ledger = ledger
@@ -163,10 +164,15 @@ async def _on_ledger(config: LedgerConfig, console: Console, *, poll: bool, down
                                           base_url=config.base_url, console=console)
             client = await stack.enter_async_context(Client(base_url, key, pool=config.concurrency))
             media = Media(client, ledger, config, stop, Limiter(config.concurrency),
-                          out=out, poll=poll, repeat=config.wait)
+                          out=out, poll=poll, repeat=config.wait,
+                          origin=base_url if mock else None)
             media.resume(list(ledger.latest))
+            media.poller.close()  # nothing else will be added: the pollers end when it drains
+            if poll and config.wait:
+                _show_progress(media, console)
             async with interrupts(stop) as caught:
                 await media.run()
+            console.end_progress()
         counts = media.counts()
         ledger.sync()
         states = Counter(row.get("status", "") for row in ledger.latest.values())
@@ -182,6 +188,21 @@ async def _on_ledger(config: LedgerConfig, console: Console, *, poll: bool, down
     if config.wait and poll:
         bad |= POLLABLE_STATES
     return EXIT_JOBS_FAILED if any(states.get(s) for s in bad) else EXIT_OK
+
+
+def _show_progress(media: Media, console: Console) -> None:
+    """Show completed/failed/running after every poll (a bar on a terminal, else rare lines)."""
+    poller = media.poller
+    total = poller.waiting
+
+    def update() -> None:
+        failed = sum(poller.counts[s] for s in ("failed", "cancelled", "not_found"))
+        counts = {"completed": poller.counts["completed"], "failed": failed,
+                  "running": poller.waiting}
+        console.progress(total - poller.waiting, total, counts)
+
+    poller.on_polled = update
+    console.start_progress(total, "polling")
 
 
 def _fmt(counts: Counter[str]) -> str:

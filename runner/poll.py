@@ -2,7 +2,8 @@
 
 Polling is idempotent, so every transient failure (network, 429, 5xx) is retried
 with backoff and never turns a task into ``failed``. A task id the API no longer
-knows (HTTP 400) is recorded as ``not_found`` once and not polled again.
+knows (HTTP 400) is recorded as ``not_found`` once and not polled again; any other
+4xx stops polling like an auth failure (the API target is wrong, not the task).
 Tasks wait in one heap ordered by their next poll time: memory is one small
 entry per running task, whatever the batch size.
 """
@@ -10,7 +11,6 @@ entry per running task, whatever the batch size.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 import time
@@ -62,8 +62,8 @@ def state_cells(state: TaskState) -> dict[str, object]:
 class Poller:
     """Polls every task it is given until each is terminal, the deadline passes, or ``stop``.
 
-    ``on_terminal`` is called with the job id of each task that reaches ``completed``
-    (the download stage hooks in there).
+    ``on_completed`` is called with the job id of each task that reaches ``completed``
+    (the download stage hooks in there); ``on_polled`` after every poll (progress display).
     """
 
     client: Client
@@ -73,6 +73,7 @@ class Poller:
     stop: asyncio.Event
     timing: PollTiming = field(default_factory=PollTiming)
     on_completed: Callable[[str], None] | None = None
+    on_polled: Callable[[], None] | None = None
     repeat: bool = True
     clock: Clock = time.monotonic
     sleep: Sleep = asyncio.sleep
@@ -109,11 +110,15 @@ class Poller:
                 state = await self._poll(job_id, task_id)
             finally:
                 self._busy -= 1
-            if self.repeat and (state is None or not state.terminal):
-                if state is None and (self.fatal or self.stop.is_set()):
-                    continue
-                self.add(job_id, task_id, delay=min(self.timing.interval,
-                                                     max(gap, 0.001) * self.timing.growth))
+            # not_found is final too: the API will never know the task again.
+            ended = state is not None and (state.terminal or state.status == "not_found")
+            lost = state is None and (self.fatal is not None or self.stop.is_set())
+            if self.repeat and not ended and not lost:
+                # A task resumed with no delay still waits ``first`` before its second poll.
+                grown = max(gap * self.timing.growth, self.timing.first, 0.001)
+                self.add(job_id, task_id, delay=min(self.timing.interval, grown))
+            if self.on_polled is not None:
+                self.on_polled()
             self._wake.set()
 
     async def _next(self) -> tuple[float, int, str, str, float] | None:
@@ -131,9 +136,17 @@ class Poller:
             if deadline is not None:
                 timeout = min(timeout if timeout is not None else deadline, deadline - self.clock())
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            await self._nap(timeout)
         return None
+
+    async def _nap(self, seconds: float | None) -> None:
+        """Wait for a new task, a finished poll, ``stop`` or ``seconds``, whichever comes first."""
+        waits = (asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(self.stop.wait()))
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     async def _poll(self, job_id: str, task_id: str) -> TaskState | None:
         """Poll once (with retries for transient errors); record a row if anything changed."""
@@ -156,17 +169,25 @@ class Poller:
                     await self.sleep(self.policy.wait(attempt, exc.retry_after))
                 continue
             except RejectedError as exc:
+                if exc.status not in (400, None):
+                    # 404/405/422 for every task means a wrong --base-url, not lost tasks:
+                    # stop, and record nothing a later poll could not undo.
+                    self._stop(FatalApiError(exc.message, status=exc.status, code=exc.code))
+                    return None
                 self.ledger.append(job_id, status="not_found",
                                    error=f"the API no longer knows task {task_id}: {exc.message}")
                 self.counts["not_found"] += 1
                 return TaskState(task_id=task_id, status="not_found")
             except FatalApiError as exc:
-                self.fatal = self.fatal or exc
-                self.stop.set()
+                self._stop(exc)
                 return None
             self.limiter.succeeded()
             self._record(job_id, state)
             return state
+
+    def _stop(self, exc: FatalApiError) -> None:
+        self.fatal = self.fatal or exc
+        self.stop.set()
 
     def _record(self, job_id: str, state: TaskState) -> None:
         row: Mapping[str, str] = self.ledger.latest.get(job_id, {})

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from runner import pricing
-from runner.download import expires_ts
+from runner.api import DEFAULT_BASE_URL
+from runner.app import ledger_path
+from runner.download import expires_ts, needs_download
 from runner.ledger import COLUMNS, read_latest, write_csv
 from runner.models import Job
 
@@ -48,24 +52,32 @@ def _next_steps(
     ledger: str, rows: Sequence[Mapping[str, str]], totals: Mapping[str, int], now: float
 ) -> list[str]:
     steps = []
+    mock = any(row.get("mock") == "1" for row in rows)
+    target = _target_flags(rows, mock=mock)
     manifests = sorted({row.get("manifest", "") for row in rows if row.get("manifest")})
-    files = " ".join(manifests) or "MANIFEST"
-    if totals.get("unknown"):
-        steps.append(f"{totals['unknown']} unknown (may be billed): check the APIMart dashboard, "
-                     f"then: apimart-batch run {files} --resubmit-unknown")
+    run = _run_command(ledger, manifests, mock=mock) + target
+    media = shlex.quote(ledger) + target
+    unknown = totals.get("unknown", 0) + totals.get("submitting", 0)
+    if unknown:
+        steps.append(f"{unknown} unknown (may be billed): check the APIMart dashboard, "
+                     f"then: {run} --resubmit-unknown")
     if totals.get("error"):
-        steps.append(f"{totals['error']} not created (error): apimart-batch run {files}")
+        steps.append(f"{totals['error']} not created (error): {run}")
     if totals.get("rejected"):
-        steps.append(f"{totals['rejected']} rejected: fix those jobs in {files} "
-                     f"(see the error column), then: apimart-batch run {files}")
+        steps.append(f"{totals['rejected']} rejected: fix those jobs in {' '.join(manifests)} "
+                     f"(see the error column), then: {run}")
     running = sum(totals.get(s, 0) for s in ("submitted", "pending", "processing"))
     if running:
-        steps.append(f"{running} still running: apimart-batch status {ledger} --wait")
+        steps.append(f"{running} still running: apimart-batch status {media} --wait")
     expired = [r for r in rows if r.get("status") == "completed"
                and (exp := expires_ts(r)) is not None and exp <= now]
     fetchable = totals.get("completed", 0) - len(expired)
     if fetchable > 0:
-        steps.append(f"{fetchable} completed, not downloaded: apimart-batch download {ledger}")
+        steps.append(f"{fetchable} completed, not downloaded: apimart-batch download {media}")
+    missing = sum(1 for r in rows if r.get("status") == "downloaded" and needs_download(r))
+    if missing:
+        steps.append(f"{missing} downloaded files missing or damaged: "
+                     f"apimart-batch download {media}")
     if expired:
         steps.append(f"{len(expired)} links expired before download: give those jobs new ids "
                      "to generate them again")
@@ -74,6 +86,30 @@ def _next_steps(
         steps.append(f"{bad} failed, cancelled or lost by the API (refunded per APIMart): "
                      "give those jobs new ids to try again")
     return steps
+
+
+def _run_command(ledger: str, manifests: Sequence[str], *, mock: bool) -> str:
+    """``apimart-batch run`` for the ledger's manifests, writing to this same ledger."""
+    words = ["apimart-batch", "run", *(manifests or ["MANIFEST"])]
+    if mock:
+        words.append("--mock")
+    beside = len(manifests) == 1 and _same_file(ledger_path(manifests[0], mock=mock), ledger)
+    if manifests and not beside:
+        words += ["--ledger", ledger]
+    return shlex.join(words)
+
+
+def _target_flags(rows: Sequence[Mapping[str, str]], *, mock: bool) -> str:
+    """`` --base-url URL`` when the ledger's tasks live on another API than the default."""
+    urls = [row["base_url"] for row in rows if row.get("base_url")]
+    url = urls[-1] if urls else DEFAULT_BASE_URL
+    if mock or url.rstrip("/") == DEFAULT_BASE_URL:
+        return ""
+    return " --base-url " + shlex.quote(url)
+
+
+def _same_file(a: str, b: str) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def _estimate(row: Mapping[str, str]) -> float:
