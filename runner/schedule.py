@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -79,6 +81,7 @@ class Limiter:
         self._clock = clock
         self._sleep = sleep
         self._cond = asyncio.Condition()
+        self._queue: deque[object] = deque()
 
     @asynccontextmanager
     async def slot(self, stop: asyncio.Event | None = None) -> AsyncIterator[None]:
@@ -104,8 +107,16 @@ class Limiter:
                 await sleep_unless(stop, delay, self._sleep)
                 continue
             async with self._cond:
-                # Waiters see a stop when the next in-flight request releases its slot.
-                await self._cond.wait_for(lambda: self.in_flight < self.limit or stopped())
+                # First come, first served: a worker that just released a slot must not jump
+                # ahead of requests already waiting (polls would starve behind submissions).
+                me = object()
+                self._queue.append(me)
+                try:
+                    # Waiters see a stop when the next in-flight request releases its slot.
+                    await self._cond.wait_for(partial(self._my_turn, me, stopped))
+                finally:
+                    self._queue.remove(me)
+                    self._cond.notify_all()
                 if stopped():
                     raise Stopped
                 # A 429 may have started a pause while we waited for the slot.
@@ -123,6 +134,9 @@ class Limiter:
                 except BaseException:
                     await self.release()
                     raise
+
+    def _my_turn(self, me: object, stopped: Callable[[], bool]) -> bool:
+        return stopped() or (self._queue[0] is me and self.in_flight < self.limit)
 
     async def release(self) -> None:
         """Give a slot back."""

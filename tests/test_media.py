@@ -748,8 +748,6 @@ async def test_run_wait_downloads_every_video_and_a_rerun_sends_nothing(emulator
     assert srv.emulator.stats()["requests"] == requests
 
 
-@pytest.mark.xfail(strict=True, reason="Limiter hands a freed slot to the submit worker that "
-                   "freed it, so polls wait until every job is submitted (runner/schedule.py)")
 async def test_run_wait_polls_while_later_jobs_are_still_being_submitted(emulator, tmp_path):
     """The first task completes (is polled) before the last job is submitted."""
     srv = await emulator(task_seconds=0, latency_ms=20, latency_jitter=0)

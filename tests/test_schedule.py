@@ -109,3 +109,22 @@ def test_limit_must_be_positive(bad):
     """A non-positive concurrency is refused with the parameter's name."""
     with pytest.raises(ValueError, match="'concurrency' must be > 0"):
         Limiter(bad)
+
+
+async def test_slots_are_handed_out_first_come_first_served():
+    """A worker that frees a slot and asks again queues behind requests already waiting."""
+    limiter = Limiter(1)
+    order: list[str] = []
+    await limiter.acquire()
+
+    async def waiter() -> None:
+        async with limiter.slot():
+            order.append("waiter")
+
+    task = asyncio.create_task(waiter())
+    await asyncio.sleep(0)
+    await limiter.release()
+    async with limiter.slot():
+        order.append("releaser")
+    await task
+    assert order == ["waiter", "releaser"]
