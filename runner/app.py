@@ -230,7 +230,9 @@ async def _submit_all(
     media = None
     if config.wait:
         out = prepare_out(config.out or default_out(str(ledgers.all[0].path)))
-        media = Media(client, ledgers, config, stop, limiter, out=out)
+        # A --mock rerun serves earlier runs' video links from this process's emulator.
+        media = Media(client, ledgers, config, stop, limiter, out=out,
+                      origin=client.base_url if config.mock else None)
     started = time.monotonic()
     done = 0
     console.start_progress(len(jobs), "submitting")
@@ -278,9 +280,13 @@ async def _submit_all(
     outcome.not_started = len(jobs) - done
     fatal = submitter.fatal or (media.fatal() if media is not None else None)
     if fatal is not None:
-        what = ("APIMart says the balance is insufficient" if is_quota(fatal)
-                else f"APIMart refused the key or permission ({fatal.status})")
-        then = "rerun after topping up" if is_quota(fatal) else "fix the key, then rerun"
+        if is_quota(fatal):
+            what, then = "APIMart says the balance is insufficient", "rerun after topping up"
+        elif fatal.status in (401, 403):
+            what = f"APIMart refused the key or permission ({fatal.status})"
+            then = "fix the key, then rerun"
+        else:
+            what, then = fatal.message.splitlines()[0], "check --base-url, then rerun"
         outcome.fatal = f"{what}; {outcome.not_started} jobs not submitted; {then}"
 
 

@@ -39,7 +39,8 @@ def file_name(job_id: str, url: str) -> str:
     suffix = PurePosixPath(urlsplit(url).path).suffix.lower()
     ext = suffix if suffix in _EXTENSIONS else ".mp4"
     safe = _UNSAFE.sub("_", job_id).strip("._")[:80] or "job"
-    if safe != job_id:
+    # Also for capitals: 'Fox' and 'fox' are one file on case-insensitive file systems.
+    if safe != job_id or safe != safe.lower():
         safe += "-" + hashlib.sha256(job_id.encode()).hexdigest()[:8]
     return safe + ext
 

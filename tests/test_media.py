@@ -578,6 +578,13 @@ def test_file_name_takes_the_extension_from_the_url(job_id, url, name):
     assert file_name(job_id, url) == name
 
 
+def test_file_names_differ_beyond_case():
+    """'Fox' and 'fox' never share a file, even on a case-insensitive file system."""
+    upper, lower = file_name("Fox", "x.mp4"), file_name("fox", "x.mp4")
+    assert lower == "fox.mp4"
+    assert upper.lower() != lower.lower()
+
+
 async def test_expired_link_is_reported_and_not_fetched(emulator, tmp_path):
     """A link past expires_at is not requested; the job stays completed with a clear error."""
     srv, ledger = await completed_batch(emulator, tmp_path, 1, link_ttl=0)
