@@ -12,6 +12,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+# The subprocess fixtures (a mock-server process, spawned commands) live with their helpers.
+from clihelpers import mock_server, spawn  # noqa: F401
+
 from runner.emulator import EmulatorConfig, RunningEmulator, running
 
 #: The fake clock starts at the doc example's ``created`` (2025-11-11), a realistic epoch.

@@ -14,17 +14,21 @@ import time
 from pathlib import Path
 
 import pytest
-import test_run_cli as shared
-from test_run_cli import KEY, REPO, assert_key_nowhere, cli, statuses, wait_for_rows, write_manifest
+from clihelpers import (
+    KEY,
+    REPO,
+    assert_key_nowhere,
+    cli,
+    statuses,
+    wait_for_rows,
+    write_manifest,
+)
 
 from runner.emulator_contract import video_bytes
 from runner.ledger import open_ledger, read_latest
 
 pytestmark = pytest.mark.slow
 
-# The subprocess fixtures of the run tests: a mock-server per test, spawned commands.
-mock_server = shared.mock_server
-spawn = shared.spawn
 
 
 def assert_videos(folder: Path, ledger: Path) -> None:
