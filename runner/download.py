@@ -20,14 +20,15 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import IO, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from runner.api import Client
-from runner.errors import ApiError, FatalApiError, RetryableError
+from runner.errors import ApiError, FatalApiError
 from runner.retry import RetryPolicy
-from runner.schedule import Clock, Limiter, Sleep
+from runner.schedule import Clock, Limiter, Sleep, retrying
 from runner.submit import Recorder
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -105,30 +106,20 @@ class Downloader:
             return
         name = file_name(job_id, url)
         target = self.out / name
-        started = self.clock()
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                async with self.limiter.slot():
-                    size = await self._fetch(url, target)
-            except RetryableError as exc:
-                if attempt < self.policy.attempts and self.clock() - started < self.policy.timeout:
-                    await self.sleep(self.policy.wait(attempt, exc.retry_after))
-                    continue
-                self._fail(job_id, exc.message, "download errors")
-            except ApiError as exc:
-                self._fail(job_id, exc.message, "download errors")
-            except (OSError, _DiskError) as exc:
-                error = exc.error if isinstance(exc, _DiskError) else exc
-                self._fail(job_id, f"{target}: cannot write the video: "
-                           f"{error.strerror or error}", "download errors")
-            else:
-                # Absolute, so a rerun from another folder still finds the file intact.
-                self.ledger.append(job_id, status="downloaded", file=str(target.absolute()),
-                                   bytes=size, error=None)
-                self.counts["downloaded"] += 1
-            return
+        try:
+            size = await retrying(partial(self._fetch, url, target), limiter=self.limiter,
+                                  policy=self.policy, clock=self.clock, sleep=self.sleep)
+        except ApiError as exc:
+            self._fail(job_id, exc.message, "download errors")
+        except (OSError, _DiskError) as exc:
+            error = exc.error if isinstance(exc, _DiskError) else exc
+            self._fail(job_id, f"{target}: cannot write the video: "
+                       f"{error.strerror or error}", "download errors")
+        else:
+            # Absolute, so a rerun from another folder still finds the file intact.
+            self.ledger.append(job_id, status="downloaded", file=str(target.absolute()),
+                               bytes=size, error=None)
+            self.counts["downloaded"] += 1
 
     def _fail(self, job_id: str, message: str, count_as: str) -> None:
         # The job stays 'completed' so the next run tries again while the link lives;

@@ -17,11 +17,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 from runner.api import Client, TaskState
 from runner.errors import FatalApiError, RejectedError, RetryableError
 from runner.retry import RetryPolicy
-from runner.schedule import Clock, Limiter, Sleep
+from runner.schedule import Clock, Limiter, Sleep, retrying
 from runner.submit import Recorder
 
 #: Last statuses after which a task is not polled any more.
@@ -150,40 +151,30 @@ class Poller:
 
     async def _poll(self, job_id: str, task_id: str) -> TaskState | None:
         """Poll once (with retries for transient errors); record a row if anything changed."""
-        started = self.clock()
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                async with self.limiter.slot():
-                    state = await self.client.get_task(task_id)
-            except RetryableError as exc:
-                if exc.status == 429:
-                    self.limiter.throttled(self.policy.wait(attempt, exc.retry_after))
-                if attempt >= self.policy.attempts or self.clock() - started > self.policy.timeout:
-                    self.counts["poll errors"] += 1
-                    return None  # try again at the next scheduled poll
-                if self.stop.is_set():
-                    return None
-                if exc.status != 429:
-                    await self.sleep(self.policy.wait(attempt, exc.retry_after))
-                continue
-            except RejectedError as exc:
-                if exc.status not in (400, None):
-                    # 404/405/422 for every task means a wrong --base-url, not lost tasks:
-                    # stop, and record nothing a later poll could not undo.
-                    self._stop(FatalApiError(exc.message, status=exc.status, code=exc.code))
-                    return None
-                self.ledger.append(job_id, status="not_found",
-                                   error=f"the API no longer knows task {task_id}: {exc.message}")
-                self.counts["not_found"] += 1
-                return TaskState(task_id=task_id, status="not_found")
-            except FatalApiError as exc:
-                self._stop(exc)
+        try:
+            state = await retrying(
+                partial(self.client.get_task, task_id), limiter=self.limiter,
+                policy=self.policy, stop=self.stop, clock=self.clock, sleep=self.sleep,
+            )
+        except RetryableError:
+            if not self.stop.is_set():
+                self.counts["poll errors"] += 1
+            return None  # try again at the next scheduled poll
+        except RejectedError as exc:
+            if exc.status not in (400, None):
+                # 404/405/422 for every task means a wrong --base-url, not lost tasks:
+                # stop, and record nothing a later poll could not undo.
+                self._stop(FatalApiError(exc.message, status=exc.status, code=exc.code))
                 return None
-            self.limiter.succeeded()
-            self._record(job_id, state)
-            return state
+            self.ledger.append(job_id, status="not_found",
+                               error=f"the API no longer knows task {task_id}: {exc.message}")
+            self.counts["not_found"] += 1
+            return TaskState(task_id=task_id, status="not_found")
+        except FatalApiError as exc:
+            self._stop(exc)
+            return None
+        self._record(job_id, state)
+        return state
 
     def _stop(self, exc: FatalApiError) -> None:
         self.fatal = self.fatal or exc

@@ -11,12 +11,16 @@ so memory stays flat in the number of jobs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import TypeVar
+
+from runner.errors import RetryableError
+from runner.retry import RetryPolicy
 
 T = TypeVar("T")
 
@@ -159,6 +163,44 @@ class Limiter:
         self.limit = max(1, self.limit // 2)
         self._successes = 0
         self._pause_until = max(self._pause_until, self._clock() + wait)
+
+
+async def retrying(
+    call: Callable[[], Awaitable[T]],
+    *,
+    limiter: Limiter,
+    policy: RetryPolicy,
+    stop: asyncio.Event | None = None,
+    clock: Clock = time.monotonic,
+    sleep: Sleep = asyncio.sleep,
+) -> T:
+    """Run ``call`` in a limiter slot, resending it after a ``RetryableError`` per ``policy``.
+
+    For requests that are safe to resend (reads, and refusals before processing): a 429
+    pauses every worker through the limiter; other errors back off with jitter. The last
+    ``RetryableError`` is raised when the policy or a stop says enough; any other error
+    is raised at once.
+    """
+    started = clock()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            async with limiter.slot():
+                result = await call()
+        except RetryableError as exc:
+            wait = policy.wait(attempt, exc.retry_after)
+            if exc.status == 429:
+                limiter.throttled(wait)
+                wait = 0.0  # the limiter's shared pause is the wait
+            stopped = stop is not None and stop.is_set()
+            if attempt >= policy.attempts or clock() - started >= policy.timeout or stopped:
+                raise
+            with contextlib.suppress(Stopped):
+                await sleep_unless(stop, wait, sleep)
+            continue
+        limiter.succeeded()
+        return result
 
 
 async def run_pool(

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,7 +32,7 @@ from runner.errors import (
 )
 from runner.models import Job
 from runner.retry import RetryPolicy
-from runner.schedule import Clock, Limiter, Sleep, Stopped, sleep_unless
+from runner.schedule import Clock, Limiter, Sleep, Stopped, retrying, sleep_unless
 
 #: Uploaded image URLs live 72 h (apimart-api.md §5); reuse one only while it has
 #: this much life left, so the API can still fetch it while the task runs.
@@ -231,18 +232,11 @@ class Submitter:
         if hashlib.sha256(data).hexdigest() != job.image_sha256:
             msg = f"{path}: the image changed since the manifest was validated; rerun"
             raise RejectedError(msg)
-        started = self.clock()
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                async with self.limiter.slot():
-                    return await self.client.upload_image(data, Path(path).name)
-            except RetryableError as exc:
-                # Only "not sent" failures are retried: uploads carry no idempotency key.
-                if not self._may_retry(attempt, started):
-                    raise
-                await self.sleep(self.policy.wait(attempt, exc.retry_after))
+        # Only "not sent" failures are retried: uploads carry no idempotency key.
+        return await retrying(
+            partial(self.client.upload_image, data, Path(path).name), limiter=self.limiter,
+            policy=self.policy, stop=self.stop, clock=self.clock, sleep=self.sleep,
+        )
 
 
 def _iso(ts: float) -> str:

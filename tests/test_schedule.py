@@ -7,7 +7,9 @@ import itertools
 
 import pytest
 
-from runner.schedule import Limiter, run_pool
+from runner.errors import AmbiguousError, RetryableError
+from runner.retry import NO_WAIT, RetryPolicy
+from runner.schedule import Limiter, retrying, run_pool
 
 
 class FakeTime:
@@ -128,3 +130,40 @@ async def test_slots_are_handed_out_first_come_first_served():
         order.append("releaser")
     await task
     assert order == ["waiter", "releaser"]
+
+
+async def test_retrying_resends_retryable_errors_then_gives_up():
+    """RetryableError is resent within the attempts, a 429 throttles; the last error is raised."""
+    fake = FakeTime()
+    limiter = Limiter(4, clock=fake.clock, sleep=fake.sleep)
+    calls = 0
+
+    async def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        raise RetryableError("busy", status=429 if calls == 1 else 503)
+
+    with pytest.raises(RetryableError, match="busy"):
+        await retrying(flaky, limiter=limiter, policy=RetryPolicy(attempts=3),
+                       clock=fake.clock, sleep=fake.sleep)
+    assert calls == 3
+    assert limiter.throttles == 1
+    assert limiter.in_flight == 0
+
+
+async def test_retrying_returns_first_success_and_never_resends_other_errors():
+    """A success ends the loop; an AmbiguousError is raised at once, never resent."""
+    answers: list[object] = [RetryableError("refused"), "ok"]
+
+    async def call() -> str:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return str(answer)
+
+    limiter = Limiter(1)
+    assert await retrying(call, limiter=limiter, policy=NO_WAIT) == "ok"
+    answers[:] = [AmbiguousError("maybe created"), "never"]
+    with pytest.raises(AmbiguousError):
+        await retrying(call, limiter=limiter, policy=NO_WAIT)
+    assert answers == ["never"]
