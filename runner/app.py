@@ -26,7 +26,7 @@ from runner.errors import (
     RunnerError,
 )
 from runner.ledger import Ledger, open_ledger
-from runner.lifecycle import Media, default_out, prepare_out
+from runner.lifecycle import Media, default_out, prepare_out, show_progress
 from runner.manifest import Manifest, load_manifests
 from runner.models import Job
 from runner.poll import POLLABLE_STATES, PollTiming
@@ -251,6 +251,8 @@ async def _submit_all(
         await run_pool(jobs, work, workers=config.concurrency, stop=stop)
         if media is not None:
             media.poller.close()
+            console.end_progress()
+            show_progress(media, console)
 
     try:
         async with interrupts(stop) as caught, asyncio.TaskGroup() as group:

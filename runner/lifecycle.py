@@ -169,7 +169,7 @@ async def _on_ledger(config: LedgerConfig, console: Console, *, poll: bool, down
             media.resume(list(ledger.latest))
             media.poller.close()  # nothing else will be added: the pollers end when it drains
             if poll and config.wait:
-                _show_progress(media, console)
+                show_progress(media, console)
             async with interrupts(stop) as caught:
                 await media.run()
             console.end_progress()
@@ -190,7 +190,7 @@ async def _on_ledger(config: LedgerConfig, console: Console, *, poll: bool, down
     return EXIT_JOBS_FAILED if any(states.get(s) for s in bad) else EXIT_OK
 
 
-def _show_progress(media: Media, console: Console) -> None:
+def show_progress(media: Media, console: Console) -> None:
     """Show completed/failed/running after every poll (a bar on a terminal, else rare lines)."""
     poller = media.poller
     total = poller.waiting
