@@ -102,8 +102,11 @@ class Submitter:
                 return True
         started = self.clock()
         attempt = 0
-        # After a failed try, what to record if the run stops before the next one.
-        pending: tuple[str, ApiError] | None = None
+        # The last failure, recorded if the run stops before the next try.
+        pending: ApiError | None = None
+        # Once any try was ambiguous the task may exist: whatever comes later, the job can
+        # only end 'submitted' or 'unknown', never 'error' (which the next run resends).
+        maybe_created: AmbiguousError | None = None
         while True:
             attempt += 1
             try:
@@ -118,26 +121,27 @@ class Submitter:
             except Stopped:
                 if pending is None:
                     return False
-                self._record(job, pending[0], attempt - 1, pending[1])
+                self._fail(job, "error", attempt - 1, pending, maybe_created)
             except RetryableError as exc:
                 if exc.status == 429:
                     self.limiter.throttled(self.policy.wait(attempt, exc.retry_after))
                 if self._may_retry(attempt, started):
-                    pending = ("error", exc)
+                    pending = exc
                     if exc.status != 429:
                         await self._pause(self.policy.wait(attempt, exc.retry_after))
                     continue
-                self._record(job, "error", attempt, exc)
+                self._fail(job, "error", attempt, exc, maybe_created)
             except AmbiguousError as exc:
+                maybe_created = exc
                 if self.retry_ambiguous and self._may_retry(attempt, started):
-                    pending = ("unknown", exc)
+                    pending = exc
                     await self._pause(self.policy.wait(attempt, exc.retry_after))
                     continue
-                self._record(job, "unknown", attempt, exc)
+                self._fail(job, "unknown", attempt, exc, maybe_created)
             except RejectedError as exc:
-                self._record(job, "rejected", attempt, exc)
+                self._fail(job, "rejected", attempt, exc, maybe_created)
             except FatalApiError as exc:
-                self._record(job, "error", attempt, exc)
+                self._fail(job, "error", attempt, exc, maybe_created)
                 self._stop(exc)
             else:
                 self.limiter.succeeded()
@@ -163,6 +167,16 @@ class Submitter:
     def _may_retry(self, attempt: int, started: float) -> bool:
         within_time = self.clock() - started < self.policy.timeout
         return attempt < self.policy.attempts and within_time and not self.stop.is_set()
+
+    def _fail(self, job: Job, status: str, attempts: int, exc: ApiError,
+              maybe_created: AmbiguousError | None) -> None:
+        """Record a failed submission; 'unknown' if any earlier try may have created it."""
+        if maybe_created is not None and maybe_created is not exc:
+            note = (f"{exc.message} (after an earlier try that may have created the task: "
+                    f"{maybe_created.message})")
+            self._record(job, "unknown", attempts, exc, error=note)
+        else:
+            self._record(job, status, attempts, exc)
 
     def _record(self, job: Job, status: str, attempts: int, exc: ApiError | None = None,
                 error: str | None = None) -> None:

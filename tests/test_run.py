@@ -14,7 +14,7 @@ import io
 import json
 import os
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -220,6 +220,30 @@ async def test_retry_ambiguous_resends_same_key_and_gets_a_replay(emulator, tmp_
     assert (submits(srv), stats["tasks_created"], stats["replays"]) == (2, 1, 1)
     assert task_of(srv, row) == [row["task_id"]]
     assert "replayed" in row["error"]
+
+
+@pytest.mark.parametrize(
+    ("script", "code"),
+    [
+        pytest.param(["502", "503", "503"], 1, id="then-refused-until-out-of-tries"),
+        pytest.param(["500", "402"], 3, id="then-out-of-balance"),
+        pytest.param(["504", "429", "429"], 1, id="then-rate-limited"),
+    ],
+)
+async def test_a_job_that_may_exist_never_ends_as_error(emulator, tmp_path, script, code):
+    """After one ambiguous try, a later 'not sent' answer still leaves the job 'unknown'."""
+    srv = await emulator(idempotency=False)
+    srv.emulator.script_submit(script)
+    manifest = write_manifest(tmp_path, lake(1))
+    result = await run_batch(srv, manifest, retry_ambiguous=True,
+                             policy=replace(NO_WAIT, attempts=3))
+    assert result.code == code
+    assert result.statuses == {"job-0": "unknown"}
+    assert "may have created the task" in result.rows["job-0"]["error"]
+    assert srv.emulator.stats()["tasks_created"] == 1
+    again = await run_batch(srv, manifest)
+    assert again.statuses == {"job-0": "unknown"}
+    assert srv.emulator.stats()["tasks_created"] == 1
 
 
 async def test_400_is_rejected_not_retried_and_held(emulator, tmp_path, monkeypatch):
