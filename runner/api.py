@@ -183,9 +183,10 @@ class Client:
         except _TRANSPORT_ERRORS as exc:
             raise _transport_error(exc, what, sent=True) from exc
         body = _json(raw)
-        if 200 <= status < 300 and isinstance(body, dict) and "error" not in body:
+        if 200 <= status < 300 and _says_ok(body):
+            assert isinstance(body, dict)
             task_id = _task_id(body)
-            if task_id and body.get("code", 200) == 200:
+            if task_id:
                 return Submitted(task_id=task_id, http_status=status, replayed=replayed)
         raise classify(status, body, raw, what, retry_after=retry_after, mutating=True)
 
@@ -205,7 +206,8 @@ class Client:
         except _TRANSPORT_ERRORS as exc:
             raise _transport_error(exc, what, sent=False) from exc
         body = _json(raw)
-        if status == 200 and isinstance(body, dict) and body.get("code", 200) == 200:
+        if status == 200 and _says_ok(body):
+            assert isinstance(body, dict)
             data = body.get("data")
             if isinstance(data, dict) and isinstance(data.get("status"), str):
                 return parse_task(task_id, data)
@@ -326,6 +328,10 @@ def classify(
         detail = "unreadable body" if raw else "empty body"
     reason = _reason(status)
     message = f"APIMart answered {status}{reason} for {what}: {detail}"
+    named = _task_id(body) if isinstance(body, dict) else None
+    if named:
+        # Kept in the ledger's error cell: the key to reconciling an 'unknown' job by hand.
+        message += f" (the answer names task {named})"
     kwargs: dict[str, Any] = {"status": status, "code": code, "retry_after": retry_after}
     if effective in _FATAL:
         return FatalApiError(message + _fatal_hint(effective, code, detail), **kwargs)
@@ -386,6 +392,17 @@ def _transport_error(exc: Exception, what: str, *, sent: bool) -> ApiError:
 def _safe(exc: BaseException) -> str:
     # aiohttp messages name host and URL, never headers; keep them short anyway.
     return str(exc)[:200]
+
+
+def _says_ok(body: object) -> bool:
+    """A JSON object whose ``code`` (if any) is 200 and whose ``error`` (if any) is empty.
+
+    Gateways send ``"error": null`` or ``"code": "200"`` on success; neither is a failure.
+    """
+    if not isinstance(body, dict) or body.get("error"):
+        return False
+    code = body.get("code", 200)
+    return code in (200, "200")
 
 
 def _json(raw: bytes) -> object:

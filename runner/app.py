@@ -9,7 +9,7 @@ import shlex
 import signal
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,7 +137,8 @@ async def run(config: RunConfig, console: Console) -> int:
                 Client(base_url, key, pool=config.concurrency,
                        timeouts=Timeouts(submit=config.timeout))
             )
-            await _submit_all(selected, client, ledgers, config, console, outcome)
+            await _submit_all(selected, client, ledgers, config, console, outcome,
+                              every=[job.job_id for job in jobs])
         # Only what reached the API may cost money: submitted, or unknown (maybe billed).
         outcome.estimate = sum(
             pricing.estimate(job, prices) for job in selected
@@ -220,8 +221,10 @@ async def _submit_all(
     config: RunConfig,
     console: Console,
     outcome: Outcome,
+    *,
+    every: Sequence[str],
 ) -> None:
-    """Submit ``jobs``; with --wait, poll and download at the same time."""
+    """Submit ``jobs``; with --wait, poll and download ``every`` job's task meanwhile."""
     stop = asyncio.Event()
     limiter = Limiter(config.concurrency, rate=config.rate)
     submitter = Submitter(client=client, ledger=ledgers, limiter=limiter,
@@ -258,12 +261,13 @@ async def _submit_all(
         async with interrupts(stop) as caught, asyncio.TaskGroup() as group:
             group.create_task(submit_phase())
             if media is not None:
-                media.resume(job.job_id for job in jobs)
+                # Every job of the manifests: earlier runs' tasks are polled and fetched too.
+                media.resume(every)
                 group.create_task(media.run())
     except* RunnerError as errors:
         # e.g. the ledger cannot be written: say so plainly, not as a nested ExceptionGroup.
         console.end_progress()
-        raise _first(errors) from None
+        raise _merged(errors) from None
     console.end_progress()
     outcome.elapsed = time.monotonic() - started
     outcome.counts.update(submitter.counts)
@@ -292,13 +296,22 @@ async def _submit_all(
         outcome.fatal = f"{what}; {outcome.not_started} jobs not submitted; {then}"
 
 
-def _first(group: BaseExceptionGroup[RunnerError]) -> RunnerError:
-    """The first error of a (nested) exception group."""
-    first: BaseException = group
-    while isinstance(first, BaseExceptionGroup):
-        first = first.exceptions[0]
-    assert isinstance(first, RunnerError)
-    return first
+def _merged(group: BaseExceptionGroup[RunnerError]) -> RunnerError:
+    """One error for a (nested) group: every message kept (each may name a paid task id)."""
+    found = [e for e in _leaves(group) if isinstance(e, RunnerError)]
+    if len(found) == 1:
+        return found[0]
+    merged = RunnerError("\n".join(str(e) for e in found))
+    merged.exit_code = found[0].exit_code
+    return merged
+
+
+def _leaves(error: BaseException) -> Iterator[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield error
 
 
 def _finish(
@@ -331,7 +344,7 @@ def _finish(
     }
     _print_summary(summary, outcome, config, console)
     if config.summary_json:
-        _write_json(config.summary_json, summary)
+        _write_json(config.summary_json, summary, console)
     return code
 
 
@@ -396,7 +409,11 @@ def resubmit_command(config: RunConfig) -> str:
     return shlex.join([*words, "--resubmit-unknown"])
 
 
-def _write_json(path: str, data: Mapping[str, object]) -> None:
+def _write_json(path: str, data: Mapping[str, object], console: Console) -> None:
     tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        # The run is over and recorded: a summary file that cannot be written is a warning.
+        console.warn(f"--summary-json {path}: cannot write the summary ({exc.strerror})")

@@ -102,16 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("run", "Submit every job not done yet, recording each in the ledger.")
     p.add_argument("manifests", nargs="+", metavar="MANIFEST")
-    p.add_argument("--ledger", help="ledger CSV (default: <manifest stem>.ledger.csv beside it; "
-                   "<stem>.mock.ledger.csv with --mock)")
-    p.add_argument("-j", "--concurrency", type=_positive_int, default=8,
+    p.add_argument("--ledger", metavar="PATH",
+                   help="ledger CSV (default: <manifest stem>.ledger.csv beside it; "
+                        "<stem>.mock.ledger.csv with --mock)")
+    p.add_argument("-j", "--concurrency", type=_positive_int, default=8, metavar="N",
                    help="submissions in flight at most (default 8)")
-    p.add_argument("--rate", type=_rate, help="at most this many requests, e.g. 2/s or 30/min")
-    p.add_argument("--max-jobs", type=_positive_int, help="submit at most N new jobs this run")
-    p.add_argument("--budget", type=_money, help="estimated USD this run may spend at most")
-    p.add_argument("--timeout", type=_positive_float, default=60.0,
+    p.add_argument("--rate", type=_rate, metavar="N/s",
+                   help="at most this many requests, e.g. 2/s or 30/min")
+    p.add_argument("--max-jobs", type=_positive_int, metavar="N",
+                   help="submit at most N new jobs this run")
+    p.add_argument("--budget", type=_money, metavar="USD",
+                   help="estimated USD this run may spend at most")
+    p.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S",
                    help="seconds to wait for one submission's answer (default 60)")
-    p.add_argument("--max-attempts", type=_positive_int, default=5,
+    p.add_argument("--max-attempts", type=_positive_int, default=5, metavar="N",
                    help="tries per job for answers that are safe to retry (default 5)")
     p.add_argument("--retry-ambiguous", action="store_true",
                    help="retry timeouts and 5xx within the run, with the same Idempotency-Key")
@@ -154,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = command("mock-server", "Run the APIMart emulator on 127.0.0.1 (for tests and demos).")
-    p.add_argument("--port", type=int, default=8765, help="port (0 = any free port)")
+    p.add_argument("--port", type=_port, default=8765, help="port (0 = any free port)")
     emulator.add_arguments(p)
     p.set_defaults(func=cmd_mock_server)
     return parser
@@ -190,9 +194,10 @@ def _add_target_flags(p: argparse.ArgumentParser, *, mock: bool = True) -> None:
     if mock:
         p.add_argument("--mock", action="store_true",
                        help="use the built-in emulator: no API key, nothing real sent or billed")
-    p.add_argument("--base-url", default=os.environ.get("APIMART_BASE_URL", DEFAULT_BASE_URL),
+    p.add_argument("--base-url", metavar="URL",
+                   default=os.environ.get("APIMART_BASE_URL", DEFAULT_BASE_URL),
                    help="API base URL (env APIMART_BASE_URL; default %(default)s)")
-    p.add_argument("--key-file", default=os.environ.get("APIMART_API_KEY_FILE"),
+    p.add_argument("--key-file", metavar="FILE", default=os.environ.get("APIMART_API_KEY_FILE"),
                    help="read the API key from this file (env APIMART_API_KEY_FILE); "
                         "default: env APIMART_API_KEY")
 
@@ -241,6 +246,9 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """``run``: submit what is not done yet."""
     console = Console(quiet=args.quiet, json_lines=args.log_format == "json")
+    if args.summary_json and not Path(args.summary_json).absolute().parent.is_dir():
+        msg = f"--summary-json {args.summary_json}: the folder does not exist"
+        raise UsageError(msg)
     config = RunConfig(
         manifests=tuple(args.manifests),
         api_key=None if args.mock else _api_key(args, console),
@@ -312,8 +320,12 @@ def cmd_mock_server(args: argparse.Namespace) -> int:
     def ready(url: str) -> None:
         print(f"APIMart emulator listening; use --base-url {url}", flush=True)
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(emulator.serve_forever(config, port=args.port, on_ready=ready))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(emulator.serve_forever(config, port=args.port, on_ready=ready))
+    except OSError as exc:
+        msg = f"mock-server: cannot listen on 127.0.0.1:{args.port} ({exc.strerror})"
+        raise UsageError(msg) from exc
     return 0
 
 
@@ -333,6 +345,11 @@ def _api_key(args: argparse.Namespace, console: Console) -> Secret:
     if not key:
         msg = ("no API key: set APIMART_API_KEY or pass --key-file FILE\n"
                "  hint: add --mock to try the whole run against the built-in emulator")
+        raise UsageError(msg)
+    if not (key.isascii() and key.isprintable()) or " " in key:
+        where = args.key_file or "APIMART_API_KEY"
+        msg = (f"{where}: the API key contains spaces or control characters\n"
+               "  hint: the file or variable should hold the key alone, on one line")
         raise UsageError(msg)
     return Secret(key)
 
@@ -362,6 +379,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        msg = f"must be a port number from 0 to 65535, got '{text}'"
+        raise argparse.ArgumentTypeError(msg)
+    return int(text)
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -380,7 +404,7 @@ def _money(text: str) -> float:
 def _rate(text: str) -> float:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(?:/\s*(s|sec|second|m|min|minute))?\s*", text)
     if not match or float(match.group(1)) <= 0:
-        msg = f"must look like 2/s or 30/min, got '{text}'"
+        msg = f"must be a positive rate like 2/s or 30/min, got '{text}'"
         raise argparse.ArgumentTypeError(msg)
     per_minute = (match.group(2) or "s").startswith("m")
     return float(match.group(1)) / (60.0 if per_minute else 1.0)

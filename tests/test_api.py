@@ -651,6 +651,29 @@ async def test_a_200_that_is_not_a_success_never_returns_a_task(echo, connect, b
 @pytest.mark.parametrize(
     "body",
     [
+        pytest.param({**LEGACY_OK, "error": None}, id="error-null"),
+        pytest.param({**LEGACY_OK, "error": {}}, id="error-empty"),
+        pytest.param({**LEGACY_OK, "code": "200"}, id="code-as-text"),
+    ],
+)
+async def test_gateway_spellings_of_success_are_successes(echo, connect, body):
+    """``"error": null`` or ``"code": "200"`` beside a task id is a success, not 'unknown'."""
+    echo.answer(200, body)
+    api = await connect(echo.base_url)
+    assert (await api.submit(JOB)).task_id == LEGACY_OK["data"][0]["task_id"]
+
+
+async def test_an_ambiguous_answer_names_the_task_it_mentions(echo, connect):
+    """A failing body that still carries a task id keeps that id in the message."""
+    echo.answer(200, {**LEGACY_OK, "code": 500})
+    api = await connect(echo.base_url)
+    exc = await expect(AmbiguousError, api.submit(JOB))
+    assert f"names task {LEGACY_OK['data'][0]['task_id']}" in exc.message
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
         pytest.param({"code": 500, "message": "busy"}, id="body-code-500"),
         pytest.param({"code": 200, "data": {"id": "task_x"}}, id="no-status"),
         pytest.param({"code": 200, "data": [{"status": "completed"}]}, id="data-array"),

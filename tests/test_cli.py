@@ -1,0 +1,63 @@
+"""CLI argument handling that needs no server: bad input ends with exit 2 and a clear line."""
+
+from __future__ import annotations
+
+import pytest
+
+from runner.cli import _rate, main
+
+EXAMPLE = "jobs/example.yaml"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        pytest.param("sk-abc\ndef", id="newline"),
+        pytest.param("sk-abc def", id="space"),
+        pytest.param("sk-abc\x1bdef", id="escape"),
+    ],
+)
+def test_a_malformed_key_is_refused_without_showing_it(monkeypatch, capsys, tmp_path, key):
+    """A key with spaces or control characters is exit 2, and the key is not printed."""
+    monkeypatch.setenv("APIMART_API_KEY", key)
+    code = main(["run", EXAMPLE, "--ledger", str(tmp_path / "l.csv"),
+                 "--base-url", "http://127.0.0.1:9"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "spaces or control characters" in err
+    assert "abc" not in err
+    assert not (tmp_path / "l.csv").exists()
+
+
+def test_summary_json_in_a_missing_folder_is_refused_up_front(monkeypatch, capsys, tmp_path):
+    """--summary-json into a folder that does not exist fails before anything is sent."""
+    monkeypatch.setenv("APIMART_API_KEY", "sk-test")
+    code = main(["run", EXAMPLE, "--ledger", str(tmp_path / "l.csv"),
+                 "--summary-json", str(tmp_path / "nope" / "s.json")])
+    assert code == 2
+    assert "the folder does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "l.csv").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    pytest.param(["mock-server", "--port", "99999"], id="port-too-big"),
+    pytest.param(["mock-server", "--port", "-1"], id="port-negative"),
+    pytest.param(["run", EXAMPLE, "--rate", "0/s"], id="rate-zero"),
+    pytest.param(["run", EXAMPLE, "-j", "0"], id="concurrency-zero"),
+    pytest.param(["run", EXAMPLE, "--budget", "abc"], id="budget-text"),
+])
+def test_bad_flag_values_are_usage_errors(capsys, argv):
+    """argparse rejects bad values with exit 2 and names the flag."""
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    assert "must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "per_second"), [
+    pytest.param("2/s", 2.0, id="per-second"), pytest.param("30/min", 0.5, id="per-minute"),
+    pytest.param("4", 4.0, id="bare"),
+])
+def test_rate_forms(text, per_second):
+    """--rate accepts N/s, N/min and a bare number per second."""
+    assert _rate(text) == pytest.approx(per_second)
