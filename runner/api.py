@@ -131,21 +131,27 @@ class Client:
     timeouts: Timeouts = field(default_factory=Timeouts)
     response_version: str | None = None
     _session: aiohttp.ClientSession | None = None
+    _files: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Client:
-        connector = aiohttp.TCPConnector(limit=self.pool, limit_per_host=self.pool)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
+        # Downloads get a pool of their own: a POST must never wait behind a slow video
+        # for a connection, time out unsent, and be taken for an ambiguous submission.
+        self._session, self._files = self._new_session(), self._new_session()
+        return self
+
+    def _new_session(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.pool, limit_per_host=self.pool),
             headers={"User-Agent": USER_AGENT},
             # aiohttp would otherwise read proxies/credentials from the environment.
             trust_env=False,
         )
-        return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._files):
+            if session is not None:
+                await session.close()
+        self._session = self._files = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -155,6 +161,13 @@ class Client:
             raise RuntimeError(msg)
         return self._session
 
+    @property
+    def _files_session(self) -> aiohttp.ClientSession:
+        if self._files is None:
+            msg = "Client used outside 'async with'"
+            raise RuntimeError(msg)
+        return self._files
+
     def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         headers = {"Authorization": f"Bearer {self.api_key.reveal()}"}
         if self.response_version:
@@ -163,7 +176,10 @@ class Client:
         return headers
 
     def _timeout(self, total: float) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=total, sock_connect=self.timeouts.connect)
+        # ``connect`` bounds the wait for a pooled connection too; aiohttp then raises
+        # ConnectionTimeoutError, which is "not sent" (retryable), never ambiguous.
+        return aiohttp.ClientTimeout(total=total, connect=self.timeouts.connect,
+                                     sock_connect=self.timeouts.connect)
 
     async def submit(self, job: Job, image_url: str | None = None) -> Submitted:
         """Create the job's task; raises an ``ApiError`` subclass for every failure."""
@@ -245,7 +261,7 @@ class Client:
         """
         what = "GET video"
         try:
-            async with self.session.get(
+            async with self._files_session.get(
                 url, timeout=self._timeout(self.timeouts.download)
             ) as resp:
                 if resp.status in (403, 404, 410):

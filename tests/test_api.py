@@ -1163,3 +1163,18 @@ def test_bad_bounds_raise_valueerror_naming_the_parameter(make, name):
     """``attempts`` must be >= 1 and ``timeout`` > 0; the message names the parameter."""
     with pytest.raises(ValueError, match=name):
         make()
+
+
+async def test_a_slow_download_never_holds_up_a_submission(echo, connect):
+    """Downloads have their own connections: with pool=1, a hung download leaves POSTs free."""
+    api = await connect(echo.base_url, pool=1, timeouts=Timeouts(submit=2.0, connect=1.0))
+    echo.delay = 5.0  # the first request (the download) hangs
+    download = asyncio.create_task(api.download(echo.base_url + "/video.mp4", io.BytesIO()))
+    while not echo.seen:
+        await asyncio.sleep(0.01)
+    echo.delay = 0.0
+    done = await api.submit(JOB)
+    assert done.task_id == LEGACY_OK["data"][0]["task_id"]
+    download.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await download
