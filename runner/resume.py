@@ -9,7 +9,8 @@ These rules are what "never pay twice" rests on:
 - a task id exists (submitted and every later state): skip, already paid for;
 - the same id recorded for another manifest (a shared ledger): hold and say so;
 - the request changed since its row was written: hold and say so, unless
-  ``--resubmit-changed`` (a new, deliberate purchase); a rejected or errored job
+  ``--resubmit-changed`` (a new, deliberate purchase, made only once the earlier
+  task's video is downloaded or the task ended without one); a rejected or errored job
   whose request changed is simply submitted, since that is how it gets fixed.
 """
 
@@ -25,6 +26,8 @@ Verdict = Literal["submit", "done", "unknown", "rejected", "changed"]
 
 #: Statuses that mean "a task was never created": safe to send again.
 NOT_CREATED = frozenset({"error"})
+#: Statuses of a known task whose video is not downloaded yet.
+UNSECURED = frozenset({"submitted", "pending", "processing", "completed"})
 #: Statuses that mean "it may exist": only --resubmit-unknown sends again.
 AMBIGUOUS = frozenset({"unknown", "submitting"})
 
@@ -54,6 +57,15 @@ def decide(
     if recorded and recorded != job.fingerprint:
         if status in NOT_CREATED or status == "rejected":
             return Decision(job, "submit", f"changed since it was {status}")
+        if resubmit_changed and status in UNSECURED:
+            # Only the last row of an id is polled and fetched: replacing it now would
+            # abandon a paid video that is still running or not yet on disk.
+            return Decision(
+                job,
+                "changed",
+                f"request changed, but its earlier task {task} is {status} and its video is "
+                "not on disk yet; let 'status --wait' and 'download' fetch it first",
+            )
         if resubmit_changed:
             return Decision(job, "submit", "changed; resubmitted by --resubmit-changed")
         what = f"submitted as task {task}" if status not in AMBIGUOUS else f"recorded as {status}"

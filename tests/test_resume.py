@@ -50,7 +50,10 @@ def test_unknown_is_sent_only_when_asked():
     ("status", "flag", "verdict"),
     [
         pytest.param("submitted", False, "changed", id="paid-held"),
-        pytest.param("submitted", True, "submit", id="paid-resubmit-changed"),
+        pytest.param("submitted", True, "changed", id="running-not-replaced"),
+        pytest.param("completed", True, "changed", id="not-downloaded-not-replaced"),
+        pytest.param("downloaded", True, "submit", id="downloaded-resubmit-changed"),
+        pytest.param("failed", True, "submit", id="failed-resubmit-changed"),
         pytest.param("unknown", False, "changed", id="unknown-held"),
         pytest.param("rejected", False, "submit", id="rejected-fixed"),
         pytest.param("error", False, "submit", id="error-fixed"),
@@ -62,7 +65,7 @@ def test_changed_request(status, flag, verdict):
     decision = decide(edited, row(status), resubmit_changed=flag)
     assert decision.verdict == verdict
     if verdict == "changed":
-        assert "new id" in decision.reason
+        assert "new id" in decision.reason or "fetch it first" in decision.reason
 
 
 def test_same_id_from_another_manifest_is_held():
