@@ -9,7 +9,7 @@ import shlex
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +25,20 @@ from runner.errors import (
     EXIT_SIGTERM,
     RunnerError,
 )
-from runner.ledger import Ledger, open_ledger
-from runner.lifecycle import Media, default_out, prepare_out, show_progress
+from runner.ledger import Ledger, keep_synced, open_ledger
+from runner.lifecycle import (
+    Media,
+    default_out,
+    prepare_out,
+    show_progress,
+    warn_other_targets,
+)
 from runner.manifest import Manifest, load_manifests
 from runner.models import Job
 from runner.poll import POLLABLE_STATES, PollTiming
 from runner.resume import Decision, decide
 from runner.retry import RetryPolicy
-from runner.runtime import connect, interrupts
+from runner.runtime import connect, interrupts, merged_error
 from runner.schedule import Limiter, run_pool
 from runner.submit import Submitter
 
@@ -69,6 +75,11 @@ class RunConfig:
     wait: bool = False
     out: str | None = None
     timing: PollTiming = field(default_factory=PollTiming)
+
+
+def _recorded_base_url(config: RunConfig) -> str:
+    """What the ledger's ``base_url`` column holds for this run's rows."""
+    return "mock" if config.mock else config.base_url
 
 
 def ledger_path(manifest: str, *, mock: bool, override: str | None = None) -> str:
@@ -112,6 +123,7 @@ class Outcome:
     held_by_budget: int = 0
     not_started: int = 0
     still_running: int = 0
+    other_target: int = 0
     estimate: float = 0.0
     elapsed: float = 0.0
     signal: int | None = None
@@ -153,7 +165,7 @@ def _open_ledgers(
     paths = {m.path: ledger_path(m.path, mock=config.mock, override=config.ledger)
              for m in manifests}
     opened: dict[str, Ledger] = {}
-    base_url = "mock" if config.mock else config.base_url
+    base_url = _recorded_base_url(config)
     for path in sorted(set(paths.values())):
         opened[path] = stack.enter_context(
             open_ledger(path, mock=config.mock, base_url=base_url, warn=console.warn)
@@ -235,6 +247,7 @@ async def _submit_all(
         out = prepare_out(config.out or default_out(str(ledgers.all[0].path)))
         # A --mock rerun serves earlier runs' video links from this process's emulator.
         media = Media(client, ledgers, config, stop, limiter, out=out,
+                      base_url=_recorded_base_url(config),
                       origin=client.base_url if config.mock else None)
     started = time.monotonic()
     done = 0
@@ -259,15 +272,20 @@ async def _submit_all(
 
     try:
         async with interrupts(stop) as caught, asyncio.TaskGroup() as group:
-            group.create_task(submit_phase())
+            syncing = group.create_task(keep_synced(ledgers.all))
+            phases = [group.create_task(submit_phase())]
             if media is not None:
                 # Every job of the manifests: earlier runs' tasks are polled and fetched too.
-                media.resume(every)
-                group.create_task(media.run())
+                skipped = media.resume(every)
+                warn_other_targets(skipped, _recorded_base_url(config), console, "polled")
+                outcome.other_target = skipped.total()
+                phases.append(group.create_task(media.run()))
+            await asyncio.gather(*phases)
+            syncing.cancel()
     except* RunnerError as errors:
         # e.g. the ledger cannot be written: say so plainly, not as a nested ExceptionGroup.
         console.end_progress()
-        raise _merged(errors) from None
+        raise merged_error(errors) from None
     console.end_progress()
     outcome.elapsed = time.monotonic() - started
     outcome.counts.update(submitter.counts)
@@ -275,8 +293,8 @@ async def _submit_all(
         outcome.counts.update(media.counts())
         outcome.still_running = media.poller.waiting
     outcome.signal = caught[0] if caught else None
-    if signal.SIGINT in caught[1:]:
-        # A second Ctrl-C cut the requests in flight short: they may have created tasks.
+    if len(caught) > 1:
+        # A second signal cut the requests in flight short: they may have created tasks.
         for job in jobs:
             if ledgers.latest.get(job.job_id, {}).get("status") == "submitting":
                 ledgers.append(job.job_id, status="unknown",
@@ -294,24 +312,6 @@ async def _submit_all(
         else:
             what, then = fatal.message.splitlines()[0], "check --base-url, then rerun"
         outcome.fatal = f"{what}; {outcome.not_started} jobs not submitted; {then}"
-
-
-def _merged(group: BaseExceptionGroup[RunnerError]) -> RunnerError:
-    """One error for a (nested) group: every message kept (each may name a paid task id)."""
-    found = [e for e in _leaves(group) if isinstance(e, RunnerError)]
-    if len(found) == 1:
-        return found[0]
-    merged = RunnerError("\n".join(str(e) for e in found))
-    merged.exit_code = found[0].exit_code
-    return merged
-
-
-def _leaves(error: BaseException) -> Iterator[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        for inner in error.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield error
 
 
 def _finish(
@@ -355,7 +355,7 @@ def _exit_code(outcome: Outcome, states: Mapping[str, int], *, wait: bool) -> in
         return EXIT_API_STOPPED
     # With --wait, the run promised videos on disk: anything short of that needs a rerun.
     unfinished = (POLLABLE_STATES | {"completed"}) if wait else frozenset()
-    if outcome.held_by_budget or outcome.changed or any(
+    if outcome.held_by_budget or outcome.changed or outcome.other_target or any(
         states.get(s) for s in NEEDS_ACTION | unfinished
     ):
         return EXIT_JOBS_FAILED

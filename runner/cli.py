@@ -39,7 +39,8 @@ exit codes:
        became unwritable mid-run, nothing more; the message names any task id)
   3    stopped by the API: key, permission or balance
   75   the ledger is in use by another run
-  130  interrupted (SIGINT); 143: terminated (SIGTERM)
+  130  interrupted (SIGINT); 143: terminated (SIGTERM). In-flight requests finish
+       and are recorded; a second signal aborts at once
 """
 
 

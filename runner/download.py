@@ -26,9 +26,9 @@ from typing import IO, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from runner.api import Client
-from runner.errors import ApiError, FatalApiError
+from runner.errors import ApiError
 from runner.retry import RetryPolicy
-from runner.schedule import Clock, Limiter, Sleep, retrying
+from runner.schedule import Clock, Limiter, Sleep, Stopped, retrying
 from runner.submit import Recorder
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -74,20 +74,15 @@ class Downloader:
     out: Path
     limiter: Limiter
     policy: RetryPolicy
+    #: Once set, no download starts (one waiting for its slot ends with no row).
+    stop: asyncio.Event
     wall_clock: Clock = time.time
     clock: Clock = time.monotonic
     sleep: Sleep = asyncio.sleep
     counts: Counter[str] = field(default_factory=Counter)
-    fatal: FatalApiError | None = None
     #: A --mock ledger's links name the emulator of the process that polled them, whose
     #: port is gone: they are fetched from this origin (the emulator of this process).
     origin: str | None = None
-
-    def pending(self) -> list[str]:
-        """Job ids to download now, the links that expire soonest first."""
-        todo = [(expires_ts(row) or float("inf"), job_id)
-                for job_id, row in self.ledger.latest.items() if self.needs_download(row)]
-        return [job_id for _, job_id in sorted(todo)]
 
     def needs_download(self, row: Mapping[str, str]) -> bool:
         """Completed with a link, or downloaded but the file is gone or damaged."""
@@ -108,7 +103,10 @@ class Downloader:
         target = self.out / name
         try:
             size = await retrying(partial(self._fetch, url, target), limiter=self.limiter,
-                                  policy=self.policy, clock=self.clock, sleep=self.sleep)
+                                  policy=self.policy, stop=self.stop, clock=self.clock,
+                                  sleep=self.sleep)
+        except Stopped:
+            return  # never started: the job stays completed for the next run
         except ApiError as exc:
             self._fail(job_id, exc.message, "download errors")
         except (OSError, _DiskError) as exc:

@@ -16,7 +16,8 @@ every value comes back exactly as it was written.
 
 Durability: each row reaches the operating system before ``append`` returns (it
 survives ``kill -9``); ``fsync`` runs when a row is appended a second or more after the
-last one, and at close. A last row cut short by a crash is removed on the next open,
+last one, within a second while idle (``keep_synced``), and at close; a failed fsync is a
+``LedgerError``. A last row cut short by a crash is removed on the next open,
 with a warning; its bytes are appended to ``<ledger>.torn`` in case they held a task id.
 One run at a time: an OS lock on ``<ledger>.lock`` (which holds the holder's pid) is
 released by the kernel when the holder dies.
@@ -24,17 +25,20 @@ released by the kernel when the holder dies.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
 import fcntl
 import io
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import BinaryIO, Final, Literal, Self, get_args
+from typing import BinaryIO, Final, Self
 
 from runner.errors import LedgerError, LedgerLockedError
 
@@ -45,14 +49,6 @@ COLUMNS: Final = (
     "base_url", "mock", "progress", "video_url", "expires_at", "thumbnail_url", "cost",
     "file", "bytes",
 )  # fmt: skip
-
-Status = Literal[
-    "submitting", "submitted", "rejected", "error", "unknown", "pending", "processing",
-    "completed", "failed", "cancelled", "not_found", "downloaded",
-]  # fmt: skip
-STATUSES: Final[tuple[Status, ...]] = get_args(Status)
-#: The API task has ended: polling it again cannot change anything.
-TERMINAL: Final[frozenset[Status]] = frozenset({"completed", "failed", "cancelled", "downloaded"})
 
 FSYNC_INTERVAL: Final = 1.0
 _REQUIRED: Final = ("job_id", "status")
@@ -147,12 +143,33 @@ class _Scan:
             }
 
 
+_KINDS: Final = (
+    (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+)  # fmt: skip
+
+
+def _require_regular(path: Path) -> None:
+    """Refuse an existing path that is not a regular file (a missing one is left to the caller).
+
+    Reading a FIFO blocks forever, and the header rewrite would replace ``/dev/null``.
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # missing or unreachable: opening it says why
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "a special file")
+        raise _error(path, f"is {kind}, not a regular file", "pass a file path to --ledger")
+
+
 def iter_rows(path: str | os.PathLike[str]) -> Iterator[dict[str, str]]:
     """Yield every row of the ledger at ``path`` in file order, without locking or repairing it.
 
     A row cut short at the end (a crash, or a run writing right now) is skipped.
     """
     path = Path(path)
+    _require_regular(path)
     try:
         file = path.open("rb")
     except OSError as exc:
@@ -190,11 +207,15 @@ def _rewrite(
         temp.unlink(missing_ok=True)
         what = f"cannot write the ledger ({exc.strerror})"
         raise _error(path, what, "check permissions and free space") from exc
-    directory = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as exc:
+        what = f"cannot save the ledger's directory to disk (fsync: {exc.strerror})"
+        raise _error(path, what, "check the disk") from exc
 
 
 def _lock(path: Path) -> int:
@@ -238,6 +259,7 @@ class Ledger:
         self._mock, self._base_url, self._clock = "1" if mock else "0", base_url, clock
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND)
         self._synced = clock()
+        self._unsynced = False
         self._broken = False
 
     @property
@@ -255,7 +277,7 @@ class Ledger:
             msg = f"append: {', '.join(bad)}: not a column the caller may set"
             raise ValueError(msg)
         if self._fd is None or self._broken:
-            what = "closed, or a write failed earlier: no more rows"
+            what = "closed, or a write or fsync failed earlier: no more rows"
             raise _error(self.path, what, "open the ledger again (it repairs a cut row)")
         row = dict(self._latest.get(job_id) or dict.fromkeys(self._header, ""))
         row |= {name: "" if value is None else str(value) for name, value in changes.items()}
@@ -276,21 +298,41 @@ class Ledger:
                 self.path, what, "free disk space; the next run repairs the last row"
             ) from exc
         self._latest[job_id] = row
+        self._unsynced = True
         if self._clock() - self._synced >= FSYNC_INTERVAL:
             self.sync()
 
+    @property
+    def unsynced(self) -> bool:
+        """Rows have been appended since the last fsync."""
+        return self._unsynced
+
     def sync(self) -> None:
-        """Force the rows written so far onto the disk (fsync)."""
-        if self._fd is not None:
+        """Force the rows written so far onto the disk (fsync).
+
+        Raises LedgerError when the fsync fails; the ledger then accepts no more rows.
+        """
+        if self._fd is None:
+            return
+        try:
             os.fsync(self._fd)
-            self._synced = self._clock()
+        except OSError as exc:
+            self._broken = True  # the kernel may have dropped rows: write nothing after them
+            what = f"cannot save the ledger to disk (fsync: {exc.strerror})"
+            raise _error(self.path, what, "check the disk; the newest rows may be lost") from exc
+        self._synced = self._clock()
+        self._unsynced = False
 
     def close(self) -> None:
         """fsync, close the file and release the lock; closing twice is harmless."""
         if self._fd is None:
             return
         try:
-            self.sync()
+            if not self._broken:
+                self.sync()
+            else:  # the failure was raised already: keep what can be kept, raise nothing new
+                with contextlib.suppress(OSError):
+                    os.fsync(self._fd)
         finally:
             os.close(self._fd)
             self._fd = None
@@ -302,6 +344,20 @@ class Ledger:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+async def keep_synced(ledgers: Iterable[Ledger], interval: float = FSYNC_INTERVAL) -> None:
+    """fsync each ledger holding unsynced rows every ``interval`` seconds, until cancelled.
+
+    ``append`` fsyncs only when a row comes a second or more after the last fsync: without
+    this, the last rows of a burst would wait for the next row or for the end of the run.
+    """
+    watched = tuple(ledgers)
+    while True:
+        await asyncio.sleep(interval)
+        for ledger in watched:
+            if ledger.unsynced:
+                ledger.sync()
 
 
 def open_ledger(
@@ -332,8 +388,7 @@ def open_ledger(
     if not path.parent.is_dir():
         what = f"directory {path.parent} does not exist"
         raise _error(path, what, "create it, or pass another --ledger")
-    if path.is_dir():
-        raise _error(path, "is a directory", "pass a file path to --ledger")
+    _require_regular(path)
     if not create and not path.exists():
         raise _error(path, "no such ledger", "check --ledger; has anything been submitted yet?")
     lock_fd = _lock(path)
@@ -386,9 +441,14 @@ def _load(
             file.seek(scan.end)
             cut = file.read()
             kept = path.with_name(path.name + ".torn")
-            with kept.open("ab") as aside:  # kept, in case the cut text held a paid task id
-                aside.write(cut)
-                os.fsync(aside.fileno())
+            try:
+                with kept.open("ab") as aside:  # kept, in case the cut text held a paid task id
+                    aside.write(cut)
+                    aside.flush()
+                    os.fsync(aside.fileno())
+            except OSError as exc:
+                what = f"cannot keep the cut last row in {kept} ({exc.strerror})"
+                raise _error(path, what, "check permissions and free space") from exc
             warn(
                 f"{path}: removed a last row cut short by a crash ({len(cut)} bytes, "
                 f"appended to {kept}): {cut[:200].decode(errors='replace')!r}"
@@ -402,6 +462,10 @@ def _load(
             warn(f"{path}: added the columns {', '.join(missing)} (ledger of an older version)")
             return header, latest
         if scan.torn:
-            file.truncate(scan.end)
-            os.fsync(file.fileno())
+            try:
+                file.truncate(scan.end)
+                os.fsync(file.fileno())
+            except OSError as exc:
+                what = f"cannot remove the cut last row ({exc.strerror})"
+                raise _error(path, what, "check permissions and free space") from exc
         return scan.header, latest

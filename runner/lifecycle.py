@@ -2,13 +2,16 @@
 
 ``Media`` runs pollers and downloaders side by side: a task that completes is
 queued for download at once, links that expire soonest first. ``run --wait`` feeds
-it while submitting; ``status`` and ``download`` run it on a ledger alone.
+it while submitting; ``status`` and ``download`` run it on a ledger alone. Only tasks
+submitted to the API this command talks to are touched: another API does not know
+their ids, and would answer that the (paid) tasks do not exist.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import signal
 from collections import Counter
 from collections.abc import Iterable
@@ -27,12 +30,13 @@ from runner.errors import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
     FatalApiError,
+    RunnerError,
     UsageError,
 )
-from runner.ledger import ledger_is_mock, open_ledger
+from runner.ledger import keep_synced, ledger_is_mock, open_ledger
 from runner.poll import POLLABLE_STATES, Poller, PollTiming
 from runner.retry import RetryPolicy
-from runner.runtime import connect, interrupts
+from runner.runtime import connect, interrupts, merged_error
 from runner.schedule import Limiter
 from runner.submit import Recorder
 
@@ -53,7 +57,11 @@ class MediaConfig(Protocol):
 
 @dataclass
 class Media:
-    """Pollers and downloaders for one ledger (or a run's set of ledgers)."""
+    """Pollers and downloaders for one ledger (or a run's set of ledgers).
+
+    ``base_url`` is what this command's rows record in the ``base_url`` column (the API's
+    URL, or ``mock``): tasks recorded against another are neither polled nor downloaded.
+    """
 
     poller: Poller
     downloader: Downloader | None
@@ -68,6 +76,7 @@ class Media:
         stop: asyncio.Event,
         limiter: Limiter,
         *,
+        base_url: str,
         out: Path | None,
         poll: bool = True,
         repeat: bool = True,
@@ -76,10 +85,11 @@ class Media:
         self.workers = config.concurrency
         self._queue = asyncio.PriorityQueue()
         self._poll = poll
+        self._base_url = base_url.rstrip("/")
         self.downloader = None
         if out is not None:
             self.downloader = Downloader(client, ledger, out, Limiter(config.concurrency),
-                                         config.policy, origin=origin)
+                                         config.policy, stop, origin=origin)
         self.poller = Poller(client, ledger, limiter, config.policy, stop, config.timing,
                              on_completed=self._completed if out else None, repeat=repeat)
         self._ledger = ledger
@@ -88,16 +98,30 @@ class Media:
         row = self._ledger.latest.get(job_id, {})
         self._queue.put_nowait((0, expires_ts(row) or float("inf"), job_id))
 
-    def resume(self, job_ids: Iterable[str]) -> None:
-        """Pick up these jobs where the ledger left them: poll running ones, fetch done ones."""
+    def resume(self, job_ids: Iterable[str]) -> Counter[str]:
+        """Pick up these jobs where the ledger left them: poll running ones, fetch done ones.
+
+        Returns the jobs left alone because their task belongs to another API, counted by
+        that API's ``base_url``.
+        """
+        skipped: Counter[str] = Counter()
         for job_id in job_ids:
             row = self._ledger.latest.get(job_id)
             if row is None:
                 continue
-            if self._poll and row.get("status") in POLLABLE_STATES and row.get("task_id"):
+            poll = self._poll and row.get("status") in POLLABLE_STATES and bool(row.get("task_id"))
+            fetch = self.downloader is not None and self.downloader.needs_download(row)
+            if not (poll or fetch):
+                continue
+            # An empty cell is a ledger of an older version: its target is unknown, so try.
+            target = row.get("base_url", "").rstrip("/")
+            if target and target != self._base_url:
+                skipped[row["base_url"]] += 1
+            elif poll:
                 self.poller.add(job_id, row["task_id"], delay=0.0)
-            elif self.downloader is not None and self.downloader.needs_download(row):
+            else:
                 self._completed(job_id)
+        return skipped
 
     async def run(self) -> None:
         """Poll until every task is terminal (or the deadline), downloading as they complete."""
@@ -156,7 +180,8 @@ async def run_download(config: LedgerConfig, console: Console) -> int:
 async def _on_ledger(config: LedgerConfig, console: Console, *, poll: bool, download: bool) -> int:
     mock = ledger_is_mock(config.ledger)
     out = prepare_out(config.out or default_out(config.ledger)) if download else None
-    with open_ledger(config.ledger, mock=mock, base_url="mock" if mock else config.base_url,
+    target = "mock" if mock else config.base_url
+    with open_ledger(config.ledger, mock=mock, base_url=target,
                      warn=console.warn, create=False) as ledger:
         stop = asyncio.Event()
         async with AsyncExitStack() as stack:
@@ -164,14 +189,22 @@ async def _on_ledger(config: LedgerConfig, console: Console, *, poll: bool, down
                                           base_url=config.base_url, console=console)
             client = await stack.enter_async_context(Client(base_url, key, pool=config.concurrency))
             media = Media(client, ledger, config, stop, Limiter(config.concurrency),
-                          out=out, poll=poll, repeat=config.wait,
+                          base_url=target, out=out, poll=poll, repeat=config.wait,
                           origin=base_url if mock else None)
-            media.resume(list(ledger.latest))
+            skipped = media.resume(list(ledger.latest))
+            warn_other_targets(skipped, target, console, "polled" if poll else "downloaded")
             media.poller.close()  # nothing else will be added: the pollers end when it drains
             if poll and config.wait:
                 show_progress(media, console)
-            async with interrupts(stop) as caught:
-                await media.run()
+            try:
+                async with interrupts(stop) as caught, asyncio.TaskGroup() as group:
+                    syncing = group.create_task(keep_synced([ledger]))
+                    await media.run()
+                    syncing.cancel()
+            except* RunnerError as errors:
+                # e.g. the ledger cannot be written: say so plainly, not as an ExceptionGroup.
+                console.end_progress()
+                raise merged_error(errors) from None
             console.end_progress()
         counts = media.counts()
         ledger.sync()
@@ -184,6 +217,8 @@ async def _on_ledger(config: LedgerConfig, console: Console, *, poll: bool, down
     if media.fatal() is not None:
         console.error(str(media.fatal()))
         return EXIT_API_STOPPED
+    if skipped:
+        return EXIT_JOBS_FAILED
     bad = {"failed", "cancelled", "not_found"} | ({"completed"} if download else set())
     if config.wait and poll:
         bad |= POLLABLE_STATES
@@ -203,6 +238,14 @@ def show_progress(media: Media, console: Console) -> None:
 
     poller.on_polled = update
     console.start_progress(total, "polling")
+
+
+def warn_other_targets(skipped: Counter[str], target: str, console: Console, verb: str) -> None:
+    """Say which tasks were left alone because another API created them, and the fix."""
+    for url, n in sorted(skipped.items()):
+        tasks = "1 task was" if n == 1 else f"{n} tasks were"
+        console.warn(f"{tasks} submitted to {url}, not {target}: not {verb}; pass --base-url "
+                     f"{shlex.quote(url)}")
 
 
 def _fmt(counts: Counter[str]) -> str:

@@ -1,9 +1,10 @@
 """Poll tasks to a terminal state, appending a ledger row whenever one changes.
 
 Polling is idempotent, so every transient failure (network, 429, 5xx) is retried
-with backoff and never turns a task into ``failed``. A task id the API no longer
-knows (HTTP 400) is recorded as ``not_found`` once and not polled again; any other
-4xx stops polling like an auth failure (the API target is wrong, not the task).
+with backoff and never turns a task into ``failed``. A task id the API says it does
+not know (HTTP 400 "Invalid task ID") is recorded as ``not_found`` once and not polled
+again; any other 4xx stops polling like an auth failure and records nothing (the API
+target is wrong, not the task).
 Tasks wait in one heap ordered by their next poll time: memory is one small
 entry per running task, whatever the batch size.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -22,13 +24,13 @@ from functools import partial
 from runner.api import Client, TaskState
 from runner.errors import FatalApiError, RejectedError, RetryableError
 from runner.retry import RetryPolicy
-from runner.schedule import Clock, Limiter, Sleep, retrying
+from runner.schedule import Clock, Limiter, Sleep, Stopped, retrying
 from runner.submit import Recorder
 
-#: Last statuses after which a task is not polled any more.
-DONE_STATES = frozenset({"completed", "failed", "cancelled", "not_found", "downloaded"})
 #: Last statuses that have a task to poll.
 POLLABLE_STATES = frozenset({"submitted", "pending", "processing"})
+#: How a 400 says the task id itself is unknown (documented: "Invalid task ID").
+_UNKNOWN_TASK = re.compile(r"\b(invalid|unknown)[ _-]?task[ _-]?id\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,9 +144,13 @@ class Poller:
 
     async def _nap(self, seconds: float | None) -> None:
         """Wait for a new task, a finished poll, ``stop`` or ``seconds``, whichever comes first."""
-        waits = (asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(self.stop.wait()))
+        waits: list[asyncio.Future[object]] = [
+            asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(self.stop.wait())
+        ]
+        if seconds is not None:
+            waits.append(asyncio.ensure_future(self.sleep(max(seconds, 0.0))))
         try:
-            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for wait in waits:
                 wait.cancel()
@@ -156,14 +162,17 @@ class Poller:
                 partial(self.client.get_task, task_id), limiter=self.limiter,
                 policy=self.policy, stop=self.stop, clock=self.clock, sleep=self.sleep,
             )
+        except Stopped:
+            return None  # never sent: the run is ending
         except RetryableError:
             if not self.stop.is_set():
                 self.counts["poll errors"] += 1
             return None  # try again at the next scheduled poll
         except RejectedError as exc:
-            if exc.status not in (400, None):
-                # 404/405/422 for every task means a wrong --base-url, not lost tasks:
-                # stop, and record nothing a later poll could not undo.
+            if exc.status != 400 or not _UNKNOWN_TASK.search(exc.message):
+                # Any other refusal (a 404 for every task, a 400 about the request) means a
+                # wrong target, not lost tasks: stop, and record nothing a later poll could
+                # not undo.
                 self._stop(FatalApiError(exc.message, status=exc.status, code=exc.code))
                 return None
             self.ledger.append(job_id, status="not_found",

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from runner import emulator
 from runner.api import Secret
 from runner.console import Console
+from runner.errors import RunnerError
 
 #: Task length of the built-in emulator under --mock: long enough to show polling.
 MOCK_TASK_SECONDS = 3.0
@@ -40,10 +41,11 @@ async def connect(
 
 @asynccontextmanager
 async def interrupts(stop: asyncio.Event) -> AsyncIterator[list[int]]:
-    """First SIGINT/SIGTERM: set ``stop`` (start nothing new); a second SIGINT: cancel now.
+    """First SIGINT/SIGTERM: set ``stop`` (start nothing new); a second of either: cancel now.
 
-    Yields the list of signals caught, for the exit code (130 or 143). The cancellation of
-    a second SIGINT ends at this block, so the caller still records what it can and exits.
+    Yields the list of signals caught; the first decides the exit code (130 or 143). The
+    cancellation of a second signal ends at this block, so the caller still records what it
+    can and exits.
     """
     loop = asyncio.get_running_loop()
     caught: list[int] = []
@@ -52,7 +54,7 @@ async def interrupts(stop: asyncio.Event) -> AsyncIterator[list[int]]:
 
     def handle(signum: int) -> None:
         nonlocal aborted
-        if caught and signum == signal.SIGINT and task is not None and not aborted:
+        if caught and task is not None and not aborted:
             aborted = True
             task.cancel()
         caught.append(signum)
@@ -68,3 +70,21 @@ async def interrupts(stop: asyncio.Event) -> AsyncIterator[list[int]]:
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
+
+
+def merged_error(group: BaseExceptionGroup[RunnerError]) -> RunnerError:
+    """One error for a (nested) group, every message kept: each may name a paid task id."""
+    found = [e for e in _leaves(group) if isinstance(e, RunnerError)]
+    if len(found) == 1:
+        return found[0]
+    merged = RunnerError("\n".join(str(e) for e in found))
+    merged.exit_code = found[0].exit_code
+    return merged
+
+
+def _leaves(error: BaseException) -> Iterator[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield error

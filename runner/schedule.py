@@ -179,14 +179,14 @@ async def retrying(
     For requests that are safe to resend (reads, and refusals before processing): a 429
     pauses every worker through the limiter; other errors back off with jitter. The last
     ``RetryableError`` is raised when the policy or a stop says enough; any other error
-    is raised at once.
+    is raised at once. ``Stopped`` means ``stop`` was set before a send could start.
     """
     started = clock()
     attempt = 0
     while True:
         attempt += 1
         try:
-            async with limiter.slot():
+            async with limiter.slot(stop):
                 result = await call()
         except RetryableError as exc:
             wait = policy.wait(attempt, exc.retry_after)

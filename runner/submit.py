@@ -95,8 +95,12 @@ class Submitter:
         if job.image_file:
             try:
                 image_url = await self._upload(job)
+            except Stopped:
+                return False
             except ApiError as exc:
-                self._record(job, "error", attempts=0, error=f"image upload: {exc.message}")
+                # Nothing was submitted: 'error' (the next run uploads and submits again).
+                self._record(job, "error", 0, error=f"image upload: {exc.message}",
+                             cells=job_fields(job))
                 if isinstance(exc, FatalApiError):
                     self._stop(exc)
                 return True
@@ -179,11 +183,11 @@ class Submitter:
             self._record(job, status, attempts, exc)
 
     def _record(self, job: Job, status: str, attempts: int, exc: ApiError | None = None,
-                error: str | None = None) -> None:
+                error: str | None = None, cells: Mapping[str, object] | None = None) -> None:
         self.ledger.append(
             job.job_id, status=status, attempts=attempts,
             http_status=exc.status if exc else None,
-            error=error or (exc.message if exc else None),
+            error=error or (exc.message if exc else None), **(cells or {}),
         )
         self.counts[status] += 1
 
@@ -230,7 +234,7 @@ class Submitter:
             self._uploads[sha] = pending
             try:
                 pending.set_result(await self._upload_now(job))
-            except ApiError as exc:
+            except (ApiError, Stopped) as exc:
                 pending.set_exception(exc)
                 # The waiting jobs see it through the future; mark it retrieved for asyncio.
                 pending.exception()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import errno
 import os
 import re
+import stat
 import subprocess
 import sys
 import tempfile
@@ -23,6 +26,7 @@ from runner.ledger import (
     Ledger,
     escape_cell,
     iter_rows,
+    keep_synced,
     ledger_is_mock,
     open_ledger,
     read_latest,
@@ -227,6 +231,44 @@ def test_fsync_at_most_once_a_second_and_at_close(
     assert len(synced) == 4
 
 
+async def test_keep_synced_fsyncs_new_rows_while_idle_and_nothing_else(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row that append did not fsync is fsynced by keep_synced; an unchanged ledger is not."""
+    ledger = opened(path, clock=lambda: 100.0)
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", synced.append)
+    syncing = asyncio.create_task(keep_synced([ledger], interval=0))
+    try:
+        ledger.append("a", status="submitted")
+        assert (synced, ledger.unsynced) == ([], True)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert (len(synced), ledger.unsynced) == (1, False)
+    finally:
+        syncing.cancel()
+    ledger.close()
+
+
+def test_failed_fsync_is_a_ledger_error_and_ends_appends(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An fsync error is a LedgerError naming the ledger; no row is accepted after it."""
+    ledger = opened(path)
+    ledger.append("a", status="submitted", task_id="task_1")
+
+    def fail(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(LedgerError, match=r"cannot save the ledger to disk \(fsync: Input/output"):
+        ledger.sync()
+    with pytest.raises(LedgerError, match="write or fsync failed earlier"):
+        ledger.append("a", status="pending")
+    ledger.close()  # the failure was raised once already
+    assert read_latest(path)["a"]["status"] == "submitted"
+
+
 def append_by_hand(path: Path, data: bytes) -> None:
     """Append raw bytes, as a crash mid-write leaves them."""
     with path.open("ab") as file:
@@ -359,6 +401,23 @@ def test_unusable_file_is_a_clear_error(
     with pytest.raises(LedgerError, match=message) as info:
         opened(path)
     assert str(path) in str(info.value)
+
+
+def test_fifo_is_refused_by_writers_and_readers(path: Path) -> None:
+    """A FIFO as the ledger is a LedgerError naming it, for every entry point; it stays a FIFO."""
+    os.mkfifo(path)
+    attempts = (
+        lambda: opened(path),
+        lambda: open_ledger(path, mock=False, base_url=URL, create=False),
+        lambda: read_latest(path),
+        lambda: list(iter_rows(path)),
+    )
+    for attempt in attempts:
+        with pytest.raises(LedgerError, match="is a FIFO, not a regular file") as info:
+            attempt()
+        assert str(path) in str(info.value)
+    assert stat.S_ISFIFO(path.stat().st_mode)
+    assert not path.with_name(path.name + ".lock").exists()
 
 
 def test_unreadable_file_is_a_clear_error(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

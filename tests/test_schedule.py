@@ -9,7 +9,7 @@ import pytest
 
 from runner.errors import AmbiguousError, RetryableError
 from runner.retry import NO_WAIT, RetryPolicy
-from runner.schedule import Limiter, retrying, run_pool
+from runner.schedule import Limiter, Stopped, retrying, run_pool
 
 
 class FakeTime:
@@ -31,7 +31,7 @@ class FakeTime:
 
 @pytest.mark.parametrize("limit", [1, 2, 5, 10])
 async def test_pool_never_exceeds_limit(limit):
-    """However many items, at most `limit` are in the slot at once, and all run."""
+    """However many items, exactly `limit` are in the slot at the peak, and all run."""
     limiter = Limiter(limit)
     running = peak = done = 0
 
@@ -47,7 +47,8 @@ async def test_pool_never_exceeds_limit(limit):
 
     await run_pool(range(50), work, workers=limit * 2, stop=asyncio.Event())
     assert done == 50
-    assert 0 < peak <= limit
+    # Every worker yields inside its slot, so the limit fills: a serialising limiter fails here.
+    assert peak == limit
     assert limiter.peak == peak
 
 
@@ -167,3 +168,24 @@ async def test_retrying_returns_first_success_and_never_resends_other_errors():
     with pytest.raises(AmbiguousError):
         await retrying(call, limiter=limiter, policy=NO_WAIT)
     assert answers == ["never"]
+
+
+async def test_retrying_never_starts_a_call_queued_when_the_run_stops():
+    """A call waiting for a slot when stop is set raises Stopped and is never made."""
+    limiter = Limiter(1)
+    stop = asyncio.Event()
+    calls = 0
+
+    async def call() -> str:
+        nonlocal calls
+        calls += 1
+        return "sent"
+
+    await limiter.acquire()
+    queued = asyncio.create_task(retrying(call, limiter=limiter, policy=NO_WAIT, stop=stop))
+    await asyncio.sleep(0)
+    stop.set()
+    await limiter.release()
+    with pytest.raises(Stopped):
+        await queued
+    assert (calls, limiter.in_flight) == (0, 0)
