@@ -25,7 +25,7 @@ from runner.errors import (
     EXIT_SIGTERM,
     RunnerError,
 )
-from runner.ledger import Ledger, keep_synced, open_ledger
+from runner.ledger import Ledger, keep_synced, ledger_path, open_ledger
 from runner.lifecycle import (
     Media,
     default_out,
@@ -80,14 +80,6 @@ class RunConfig:
 def _recorded_base_url(config: RunConfig) -> str:
     """What the ledger's ``base_url`` column holds for this run's rows."""
     return "mock" if config.mock else config.base_url
-
-
-def ledger_path(manifest: str, *, mock: bool, override: str | None = None) -> str:
-    """The ledger a manifest's rows go to: ``<stem>[.mock].ledger.csv`` beside it."""
-    if override:
-        return override
-    path = Path(manifest)
-    return str(path.with_name(path.stem + (".mock" if mock else "") + ".ledger.csv"))
 
 
 class Ledgers:

@@ -18,13 +18,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from runner import __version__, emulator, plan, pricing, report, schemas
+from runner import __version__, emulator_config, plan, pricing, report, schemas
 from runner.api import DEFAULT_BASE_URL, Secret, api_key_from_env, key_file_warning
-from runner.app import RunConfig, ledger_path
+from runner.app import RunConfig
 from runner.app import run as run_jobs
 from runner.console import Console
 from runner.errors import LedgerError, ManifestError, RunnerError, UsageError
-from runner.ledger import ledger_is_mock, read_latest
+from runner.ledger import ledger_is_mock, ledger_path, read_latest
 from runner.lifecycle import LedgerConfig, run_download, run_status
 from runner.manifest import load_manifests
 from runner.poll import PollTiming
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("mock-server", "Run the APIMart emulator on 127.0.0.1 (for tests and demos).")
     p.add_argument("--port", type=_port, default=8765, help="port (0 = any free port)")
-    emulator.add_arguments(p)
+    emulator_config.add_arguments(p)
     p.set_defaults(func=cmd_mock_server)
     return parser
 
@@ -316,7 +316,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_mock_server(args: argparse.Namespace) -> int:
     """``mock-server``: serve the emulator until interrupted."""
-    config = emulator.config_from_args(args)
+    from runner import emulator  # the server side of aiohttp loads only for this command
+
+    config = emulator_config.config_from_args(args)
 
     def ready(url: str) -> None:
         print(f"APIMart emulator listening; use --base-url {url}", flush=True)

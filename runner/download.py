@@ -19,7 +19,6 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import IO, cast
@@ -27,9 +26,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 from runner.api import Client
 from runner.errors import ApiError
+from runner.ledger import Recorder
+from runner.models import parse_iso
 from runner.retry import RetryPolicy
 from runner.schedule import Clock, Limiter, Sleep, Stopped, retrying
-from runner.submit import Recorder
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _EXTENSIONS = frozenset({".mp4", ".mov", ".webm", ".m4v"})
@@ -48,11 +48,7 @@ def file_name(job_id: str, url: str) -> str:
 
 def expires_ts(row: Mapping[str, str]) -> float | None:
     """The row's ``expires_at`` as a unix time, or None."""
-    text = row.get("expires_at", "")
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() if text else None
-    except ValueError:
-        return None
+    return parse_iso(row.get("expires_at", ""))
 
 
 def needs_download(row: Mapping[str, str]) -> bool:

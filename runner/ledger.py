@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import BinaryIO, Final, Self
+from typing import BinaryIO, Final, Protocol, Self
 
 from runner.errors import LedgerError, LedgerLockedError
 
@@ -78,6 +78,23 @@ def _encode(cells: Iterable[str]) -> bytes:
     # The default "\r\n" terminator makes the writer quote cells holding "\r" or "\n".
     csv.writer(buffer).writerow(cells)
     return buffer.getvalue().encode()
+
+
+def ledger_path(manifest: str, *, mock: bool, override: str | None = None) -> str:
+    """The ledger a manifest's rows go to: ``<stem>[.mock].ledger.csv`` beside it."""
+    if override:
+        return override
+    path = Path(manifest)
+    return str(path.with_name(path.stem + (".mock" if mock else "") + ".ledger.csv"))
+
+
+class Recorder(Protocol):
+    """What the pipeline stages need of a ledger (``Ledger``, or a run's set of them)."""
+
+    @property
+    def latest(self) -> Mapping[str, Mapping[str, str]]: ...
+
+    def append(self, job_id: str, **fields: object) -> None: ...
 
 
 def write_csv(rows: Iterable[Mapping[str, str]], columns: Iterable[str]) -> str:

@@ -33,12 +33,11 @@ from runner.errors import (
     RunnerError,
     UsageError,
 )
-from runner.ledger import keep_synced, ledger_is_mock, open_ledger
+from runner.ledger import Recorder, keep_synced, ledger_is_mock, open_ledger
 from runner.poll import POLLABLE_STATES, Poller, PollTiming
 from runner.retry import RetryPolicy
 from runner.runtime import connect, interrupts, merged_error
 from runner.schedule import Limiter
-from runner.submit import Recorder
 
 #: Queued after every real item (which all have priority 0): "no more downloads".
 _LAST = (1, 0.0, "")

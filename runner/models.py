@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 Model = Literal["sora-2", "sora-2-pro"]
@@ -82,3 +84,16 @@ class Job:
     def effective_resolution(self) -> str:
         """The resolution the API will render at."""
         return self.resolution or API_DEFAULT_RESOLUTION
+
+
+def iso_utc(ts: float) -> str:
+    """A unix time as ``2026-11-25T07:30:00Z`` (how the ledger writes instants)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def parse_iso(text: str) -> float | None:
+    """An ISO-8601 instant as a unix time; None when empty or malformed."""
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() if text else None
+    except ValueError:
+        return None

@@ -23,9 +23,10 @@ from functools import partial
 
 from runner.api import Client, TaskState
 from runner.errors import FatalApiError, RejectedError, RetryableError
+from runner.ledger import Recorder
+from runner.models import iso_utc
 from runner.retry import RetryPolicy
 from runner.schedule import Clock, Limiter, Sleep, Stopped, retrying
-from runner.submit import Recorder
 
 #: Last statuses that have a task to poll.
 POLLABLE_STATES = frozenset({"submitted", "pending", "processing"})
@@ -41,11 +42,6 @@ class PollTiming:
     interval: float = 30.0
     growth: float = 1.5
     deadline: float | None = None
-
-
-def iso_utc(ts: float) -> str:
-    """A unix time as ``2026-11-25T07:30:00Z``."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def state_cells(state: TaskState) -> dict[str, object]:

@@ -12,9 +12,8 @@ from pathlib import Path
 
 from runner import pricing
 from runner.api import DEFAULT_BASE_URL
-from runner.app import ledger_path
 from runner.download import expires_ts, needs_download
-from runner.ledger import COLUMNS, read_latest, write_csv
+from runner.ledger import COLUMNS, ledger_path, read_latest, write_csv
 from runner.models import Job
 
 EXPIRING_WITHIN = 24 * 3600.0

@@ -7,7 +7,6 @@ import signal
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from runner import emulator
 from runner.api import Secret
 from runner.console import Console
 from runner.errors import RunnerError
@@ -29,6 +28,8 @@ async def connect(
     if not mock:
         assert config_key is not None  # the CLI refuses a real run without a key
         return base_url, config_key
+    from runner import emulator  # aiohttp.web loads only when a command asks for --mock
+
     running = await stack.enter_async_context(
         emulator.running(
             emulator.EmulatorConfig(task_seconds=MOCK_TASK_SECONDS, adopt_tasks=True)

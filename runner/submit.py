@@ -16,10 +16,9 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from runner.api import Client, Uploaded
 from runner.errors import (
@@ -30,7 +29,8 @@ from runner.errors import (
     RejectedError,
     RetryableError,
 )
-from runner.models import Job
+from runner.ledger import Recorder
+from runner.models import Job, iso_utc, parse_iso
 from runner.retry import RetryPolicy
 from runner.schedule import Clock, Limiter, Sleep, Stopped, retrying, sleep_unless
 
@@ -38,15 +38,6 @@ from runner.schedule import Clock, Limiter, Sleep, Stopped, retrying, sleep_unle
 #: this much life left, so the API can still fetch it while the task runs.
 UPLOAD_LIFETIME = 72 * 3600.0
 UPLOAD_REUSE_MARGIN = 12 * 3600.0
-
-
-class Recorder(Protocol):
-    """Where outcomes go: the ledger (``runner.ledger.Ledger``)."""
-
-    @property
-    def latest(self) -> Mapping[str, Mapping[str, str]]: ...
-
-    def append(self, job_id: str, **fields: object) -> None: ...
 
 
 def job_fields(job: Job) -> dict[str, object]:
@@ -203,7 +194,7 @@ class Submitter:
         upload = self._uploads.get(job.image_sha256 or "")
         done = upload is not None and upload.done() and upload.exception() is None
         if done and upload is not None and upload.result().url == image_url:
-            cells["uploaded_at"] = _iso(upload.result().created_at)
+            cells["uploaded_at"] = iso_utc(upload.result().created_at)
         return cells
 
     def _reuse_uploads(self) -> None:
@@ -213,7 +204,7 @@ class Submitter:
             sha, url, when = row.get("image_sha256"), row.get("image_url"), row.get("uploaded_at")
             if not (sha and url and when) or sha in self._uploads:
                 continue
-            created = _parse_iso(when)
+            created = parse_iso(when)
             if created is not None and now < created + UPLOAD_LIFETIME - UPLOAD_REUSE_MARGIN:
                 future: asyncio.Future[Uploaded] = asyncio.get_running_loop().create_future()
                 future.set_result(Uploaded(url=url, created_at=created))
@@ -255,14 +246,3 @@ class Submitter:
             partial(self.client.upload_image, data, Path(path).name), limiter=self.limiter,
             policy=self.policy, stop=self.stop, clock=self.clock, sleep=self.sleep,
         )
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-def _parse_iso(text: str) -> float | None:
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
