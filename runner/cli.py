@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifests", nargs="+", metavar="MANIFEST")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     _add_price_flag(p)
-    p.add_argument("--ledger", help="ledger to compare with (default: beside the manifest)")
+    p.add_argument("--ledger", metavar="PATH",
+                   help="ledger to compare with (default: beside the manifest)")
     p.add_argument("--mock", action="store_true", help="compare with the --mock ledger")
     p.set_defaults(func=cmd_plan)
 
@@ -137,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("status", "Poll unfinished tasks of a ledger and record their state.")
     p.add_argument("ledger", metavar="LEDGER")
     p.add_argument("--wait", action="store_true", help="keep polling until every task ends")
-    p.add_argument("-j", "--concurrency", type=_positive_int, default=8,
+    p.add_argument("-j", "--concurrency", type=_positive_int, default=8, metavar="N",
                    help="requests in flight at most (default 8)")
     _add_media_flags(p, out=False)
     _add_target_flags(p, mock=False)
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("download", "Download every completed video of a ledger not yet on disk.")
     p.add_argument("ledger", metavar="LEDGER")
-    p.add_argument("-j", "--concurrency", type=_positive_int, default=4,
+    p.add_argument("-j", "--concurrency", type=_positive_int, default=4, metavar="N",
                    help="downloads at once (default 4)")
     _add_media_flags(p, poll=False)
     _add_target_flags(p, mock=False)
@@ -155,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("report", "Summarise a ledger: one row per job, totals, costs, next steps.")
     p.add_argument("ledger", metavar="LEDGER")
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                   help="a table for people (default), or CSV / JSON for programs")
     p.set_defaults(func=cmd_report)
 
     p = command("mock-server", "Run the APIMart emulator on 127.0.0.1 (for tests and demos).")
@@ -176,8 +178,8 @@ def _add_media_flags(p: argparse.ArgumentParser, *, out: bool = True, poll: bool
                        help="folder for downloaded videos (default: 'videos' beside the ledger)")
     if poll:
         p.add_argument("--interval", type=_positive_float, metavar="S",
-                       help="longest pause between two polls of a task (default 30, 2 with "
-                            "--mock; the first poll comes 10 s after submission, then the "
+                       help="longest pause between two polls of a task (default 30; 2 for "
+                            "--mock tasks; the first poll comes 10 s after submission, then the "
                             "pause grows)")
         p.add_argument("--deadline", type=_positive_float, metavar="S",
                        help="stop waiting after S seconds; unfinished tasks stay recorded")
