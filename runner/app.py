@@ -109,7 +109,6 @@ class Outcome:
 
     total: int = 0
     counts: Counter[str] = field(default_factory=Counter)
-    unknown: list[str] = field(default_factory=list)
     changed: list[Decision] = field(default_factory=list)
     held_by_max_jobs: int = 0
     held_by_budget: int = 0
@@ -196,8 +195,6 @@ def _select(
                          f"{decision.job.line}): {decision.reason}")
         else:
             outcome.counts["already " + decision.verdict] += 1
-            if decision.verdict == "unknown":
-                outcome.unknown.append(decision.job.job_id)
     if config.max_jobs is not None and len(selected) > config.max_jobs:
         outcome.held_by_max_jobs = len(selected) - config.max_jobs
         selected = selected[: config.max_jobs]
@@ -368,6 +365,8 @@ def _print_summary(
         parts.append(f"{outcome.held_by_budget} held back by --budget")
     if outcome.changed:
         parts.append(f"{len(outcome.changed)} changed (not resubmitted)")
+    if outcome.still_running:
+        parts.append(f"{outcome.still_running} still running (see 'apimart-batch status')")
     line = (f"{outcome.total} jobs: " + (", ".join(parts) or "nothing to do")
             + f" in {outcome.elapsed:.1f}s ({rate:.1f}/s); estimated cost of what was sent "
             f"${outcome.estimate:.2f}")
