@@ -102,6 +102,9 @@ class Submitter:
         # Once any try was ambiguous the task may exist: whatever comes later, the job can
         # only end 'submitted' or 'unknown', never 'error' (which the next run resends).
         maybe_created: AmbiguousError | None = None
+        if self.ledger.latest.get(job.job_id, {}).get("status") in ("unknown", "submitting"):
+            # --resubmit-unknown: an earlier run's try may already have created it.
+            maybe_created = AmbiguousError("an earlier run's try may have created the task")
         while True:
             attempt += 1
             try:
@@ -166,12 +169,14 @@ class Submitter:
     def _fail(self, job: Job, status: str, attempts: int, exc: ApiError,
               maybe_created: AmbiguousError | None) -> None:
         """Record a failed submission; 'unknown' if any earlier try may have created it."""
-        if maybe_created is not None and maybe_created is not exc:
+        if maybe_created is None:
+            self._record(job, status, attempts, exc)
+        elif maybe_created is exc:
+            self._record(job, "unknown", attempts, exc)
+        else:
             note = (f"{exc.message} (after an earlier try that may have created the task: "
                     f"{maybe_created.message})")
             self._record(job, "unknown", attempts, exc, error=note)
-        else:
-            self._record(job, status, attempts, exc)
 
     def _record(self, job: Job, status: str, attempts: int, exc: ApiError | None = None,
                 error: str | None = None, cells: Mapping[str, object] | None = None) -> None:

@@ -22,16 +22,17 @@ import pytest
 import yaml
 
 from runner import app, emulator_contract
-from runner.api import Secret
+from runner.api import Client, Secret
 from runner.app import RunConfig
 from runner.cli import build_parser
 from runner.console import Console
 from runner.errors import LedgerError, LedgerLockedError, ManifestError
 from runner.ledger import Ledger, open_ledger, read_latest
 from runner.manifest import load_manifests
+from runner.models import Job
 from runner.retry import RetryPolicy
 from runner.schedule import Limiter
-from runner.submit import job_fields
+from runner.submit import Submitter, job_fields
 
 KEY = "sk-live-TESTKEY-must-never-be-printed-4242"
 NO_WAIT = RetryPolicy(attempts=5, wait_initial=0.0, wait_max=0.0)
@@ -243,6 +244,41 @@ async def test_a_job_that_may_exist_never_ends_as_error(emulator, tmp_path, scri
     assert srv.emulator.stats()["tasks_created"] == 1
     again = await run_batch(srv, manifest)
     assert again.statuses == {"job-0": "unknown"}
+    assert srv.emulator.stats()["tasks_created"] == 1
+
+
+async def test_a_stop_during_backoff_after_an_ambiguous_try_leaves_unknown(emulator, tmp_path):
+    """Ctrl-C while waiting to resend a 504 (--retry-ambiguous) records 'unknown', not 'error'."""
+    srv = await emulator()
+    srv.emulator.script_submit(["504"])
+    stop = asyncio.Event()
+
+    async def interrupted_sleep(_: float) -> None:
+        stop.set()
+
+    job = Job(job_id="j", model="sora-2", prompt="a lake", manifest_name="m")
+    with open_ledger(tmp_path / "l.csv", mock=False, base_url=srv.base_url) as ledger:
+        async with Client(srv.base_url, Secret(KEY)) as client:
+            submitter = Submitter(client=client, ledger=ledger, limiter=Limiter(1),
+                                  policy=RetryPolicy(attempts=3), stop=stop,
+                                  retry_ambiguous=True, sleep=interrupted_sleep)
+            await submitter(job)
+        assert ledger.latest["j"]["status"] == "unknown"
+    assert srv.emulator.stats()["tasks_created"] == 1
+
+
+async def test_resubmitting_unknown_that_is_refused_stays_unknown(emulator, tmp_path):
+    """--resubmit-unknown answered only by 503s keeps the job 'unknown': it may still exist."""
+    srv = await emulator(idempotency=False)
+    manifest = write_manifest(tmp_path, lake(1))
+    srv.emulator.script_submit(["500"])
+    assert (await run_batch(srv, manifest)).statuses == {"job-0": "unknown"}
+    srv.emulator.script_submit(["503"] * 3)
+    again = await run_batch(srv, manifest, resubmit_unknown=True,
+                            policy=replace(NO_WAIT, attempts=3))
+    assert again.statuses == {"job-0": "unknown"}
+    plain = await run_batch(srv, manifest)
+    assert plain.statuses == {"job-0": "unknown"}
     assert srv.emulator.stats()["tasks_created"] == 1
 
 
