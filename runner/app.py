@@ -9,7 +9,7 @@ import shlex
 import signal
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,7 @@ from runner.errors import (
     EXIT_OK,
     EXIT_SIGINT,
     EXIT_SIGTERM,
+    LedgerError,
     RunnerError,
 )
 from runner.ledger import Ledger, keep_synced, ledger_path, open_ledger
@@ -259,23 +260,34 @@ async def _submit_all(
             console.end_progress()
             show_progress(media, console)
 
+    failures: list[LedgerError] = []
+
+    async def guarded(step: Coroutine[object, object, None]) -> None:
+        # A failing ledger stops the run, but lets submissions in flight finish and report.
+        try:
+            await step
+        except LedgerError as exc:
+            failures.append(exc)
+            stop.set()
+
     try:
         async with interrupts(stop) as caught, asyncio.TaskGroup() as group:
-            syncing = group.create_task(keep_synced(ledgers.all))
+            syncing = group.create_task(guarded(keep_synced(ledgers.all)))
             phases = [group.create_task(submit_phase())]
             if media is not None:
                 # Every job of the manifests: earlier runs' tasks are polled and fetched too.
                 skipped = media.resume(every)
                 warn_other_targets(skipped, _recorded_base_url(config), console, "polled")
                 outcome.other_target = skipped.total()
-                phases.append(group.create_task(media.run()))
-            await asyncio.gather(*phases)
+                phases.append(group.create_task(guarded(media.run())))
+            await asyncio.wait(phases)
             syncing.cancel()
     except* RunnerError as errors:
-        # e.g. the ledger cannot be written: say so plainly, not as a nested ExceptionGroup.
         console.end_progress()
         raise merged_error(errors) from None
     console.end_progress()
+    if failures or submitter.ledger_errors:
+        raise merged_error([*submitter.ledger_errors, *failures])
     outcome.elapsed = time.monotonic() - started
     outcome.counts.update(submitter.counts)
     if media is not None:

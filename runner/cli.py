@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--concurrency", type=_positive_int, default=4, metavar="N",
                    help="downloads at once (default 4)")
     _add_media_flags(p, poll=False)
-    _add_target_flags(p, mock=False)
+    _add_target_flags(p, mock=False, key=False)
     _add_output_flags(p)
     p.set_defaults(func=cmd_download)
 
@@ -193,16 +193,18 @@ def _timing(args: argparse.Namespace, *, mock: bool) -> PollTiming:
                       deadline=deadline)
 
 
-def _add_target_flags(p: argparse.ArgumentParser, *, mock: bool = True) -> None:
+def _add_target_flags(p: argparse.ArgumentParser, *, mock: bool = True, key: bool = True) -> None:
     if mock:
         p.add_argument("--mock", action="store_true",
                        help="use the built-in emulator: no API key, nothing real sent or billed")
     p.add_argument("--base-url", metavar="URL",
                    default=os.environ.get("APIMART_BASE_URL", DEFAULT_BASE_URL),
                    help="API base URL (env APIMART_BASE_URL; default %(default)s)")
-    p.add_argument("--key-file", metavar="FILE", default=os.environ.get("APIMART_API_KEY_FILE"),
-                   help="read the API key from this file (env APIMART_API_KEY_FILE); "
-                        "default: env APIMART_API_KEY")
+    if key:
+        p.add_argument("--key-file", metavar="FILE",
+                       default=os.environ.get("APIMART_API_KEY_FILE"),
+                       help="read the API key from this file (env APIMART_API_KEY_FILE); "
+                            "default: env APIMART_API_KEY")
 
 
 def _add_output_flags(p: argparse.ArgumentParser) -> None:
@@ -277,12 +279,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _ledger_config(args: argparse.Namespace, console: Console) -> LedgerConfig:
-    # A --mock ledger needs no key: its tasks live in the built-in emulator.
+    # A --mock ledger needs no key: its tasks live in the built-in emulator. Downloads need
+    # none either: video links are signed URLs, fetched without an Authorization header.
     mock = ledger_is_mock(args.ledger)
     polls = hasattr(args, "interval")
     return LedgerConfig(
         ledger=args.ledger,
-        api_key=None if mock else _api_key(args, console),
+        api_key=None if mock else (_api_key(args, console) if polls else Secret("")),
         base_url=_base_url(args.base_url),
         concurrency=args.concurrency,
         timing=_timing(args, mock=mock) if polls else PollTiming(),

@@ -113,8 +113,9 @@ class Media:
             if not (poll or fetch):
                 continue
             # An empty cell is a ledger of an older version: its target is unknown, so try.
+            # Video links are absolute and need no key: only polling is bound to one API.
             target = row.get("base_url", "").rstrip("/")
-            if target and target != self._base_url:
+            if poll and target and target != self._base_url:
                 skipped[row["base_url"]] += 1
             elif poll:
                 self.poller.add(job_id, row["task_id"], delay=0.0)
@@ -127,7 +128,9 @@ class Media:
         async with asyncio.TaskGroup() as group:
             downloads = [group.create_task(self._download_worker()) for _ in range(self.workers)]
             if self._poll:
-                await asyncio.gather(*(self.poller.work() for _ in range(self.workers)))
+                # Tasks of the group: if one poller fails, the others are cancelled with it.
+                await asyncio.wait([group.create_task(self.poller.work())
+                                    for _ in range(self.workers)])
             for _ in downloads:
                 self._queue.put_nowait(_LAST)
 

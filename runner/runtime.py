@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from runner.api import Secret
@@ -73,12 +73,19 @@ async def interrupts(stop: asyncio.Event) -> AsyncIterator[list[int]]:
             loop.remove_signal_handler(signum)
 
 
-def merged_error(group: BaseExceptionGroup[RunnerError]) -> RunnerError:
-    """One error for a (nested) group, every message kept: each may name a paid task id."""
-    found = [e for e in _leaves(group) if isinstance(e, RunnerError)]
+def merged_error(errors: BaseException | Sequence[BaseException]) -> RunnerError:
+    """One error for (groups of) errors, every message kept once: each may name a task id."""
+    found: list[RunnerError] = []
+    for error in errors if isinstance(errors, Sequence) else [errors]:
+        found += [e for e in _leaves(error) if isinstance(e, RunnerError) and e not in found]
     if len(found) == 1:
         return found[0]
-    merged = RunnerError("\n".join(str(e) for e in found))
+    text = "\n".join(str(e) for e in found)
+    kind = type(found[0]) if all(type(e) is type(found[0]) for e in found) else RunnerError
+    try:
+        merged = kind(text)
+    except TypeError:  # a class with its own constructor (LedgerLockedError)
+        merged = RunnerError(text)
     merged.exit_code = found[0].exit_code
     return merged
 

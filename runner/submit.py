@@ -72,6 +72,7 @@ class Submitter:
     sleep: Sleep = asyncio.sleep
     counts: Counter[str] = field(default_factory=Counter)
     fatal: FatalApiError | None = None
+    ledger_errors: list[LedgerError] = field(default_factory=list)
     _uploads: dict[str, asyncio.Future[Uploaded]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -81,7 +82,17 @@ class Submitter:
         """Submit ``job`` and append its outcome to the ledger.
 
         Returns False when the run was stopped before the job was sent (it has no new row).
+        A ledger that fails stops the run but never the requests already in flight: their
+        task ids must still reach the user, through ``ledger_errors``.
         """
+        try:
+            return await self._submit(job)
+        except LedgerError as exc:
+            self.ledger_errors.append(exc)
+            self.stop.set()
+            return True
+
+    async def _submit(self, job: Job) -> bool:
         image_url = None
         if job.image_file:
             try:

@@ -362,7 +362,7 @@ async def test_failed_task_is_recorded_with_its_error(emulator, tmp_path, field)
 
 
 async def test_tasks_of_another_api_are_left_alone_with_the_flag_to_pass(emulator, tmp_path):
-    """status/download against another API poll, fetch and write nothing; exit 1 names the URL."""
+    """status against another API polls and writes nothing, exit 1 names the URL; links work."""
     first = await emulator(task_seconds=0)
     manifest = prompts(tmp_path, 2)
     ledger = ledger_of(manifest)
@@ -378,9 +378,9 @@ async def test_tasks_of_another_api_are_left_alone_with_the_flag_to_pass(emulato
     assert f"status {ledger} --base-url {first.base_url} --wait" in \
         " ".join(report.build_report(ledger).next_steps)
     assert await status(first, ledger, wait=True) == 0
-    assert await download(other, ledger, tmp_path / "videos") == 1
-    assert (listing(tmp_path / "videos"), stat(other, "requests")) == (set(), {})
-    assert await download(first, ledger, tmp_path / "videos") == 0
+    # Video links are absolute and keyless: any --base-url downloads them from their origin.
+    assert await download(other, ledger, tmp_path / "videos") == 0
+    assert stat(other, "requests") == {}
     assert_intact(tmp_path / "videos", ledger)
 
 

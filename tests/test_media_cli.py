@@ -48,7 +48,9 @@ def test_status_download_report_exit_0_and_reruns_are_no_ops(mock_server, tmp_pa
     polled = cli(tmp_path, "status", ledger.name, "--base-url", server.url)
     assert (polled.returncode, polled.stderr) == (0, "")
     assert polled.stdout.startswith("batch.ledger.csv: 3 completed")
-    fetched = cli(tmp_path, "download", ledger.name, "--base-url", server.url, "--out", "v")
+    # Video links are signed URLs: downloading needs no API key.
+    fetched = cli(tmp_path, "download", ledger.name, "--base-url", server.url, "--out", "v",
+                  key=False)
     assert (fetched.returncode, fetched.stderr) == (0, "")
     assert "3 downloaded" in fetched.stdout
     assert_videos(tmp_path / "v", ledger)

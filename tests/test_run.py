@@ -521,7 +521,7 @@ async def test_ledger_write_failure_is_a_plain_ledger_error(emulator, tmp_path, 
 
 
 async def test_unrecordable_task_id_is_named_in_the_error(emulator, tmp_path, monkeypatch):
-    """If the 'submitted' row cannot be written, the error still names the paid-for task."""
+    """If 'submitted' rows cannot be written, in-flight requests finish and each task is named."""
     real_append = Ledger.append
 
     def append(self: Ledger, job_id: str, **changes: object) -> None:
@@ -531,11 +531,13 @@ async def test_unrecordable_task_id_is_named_in_the_error(emulator, tmp_path, mo
         real_append(self, job_id, **changes)
 
     monkeypatch.setattr(Ledger, "append", append)
-    srv = await emulator()
+    srv = await emulator(latency_ms=50, latency_jitter=0)
     with pytest.raises(LedgerError) as caught:
-        await run_batch(srv, write_manifest(tmp_path, lake(2)), concurrency=1)
-    (task,) = srv.emulator.stats()["idempotency_key_by_task"]
-    assert f"WAS created as task {task}" in str(caught.value)
+        await run_batch(srv, write_manifest(tmp_path, lake(4)), concurrency=2)
+    tasks = list(srv.emulator.stats()["idempotency_key_by_task"])
+    assert len(tasks) == 2  # both were in flight; the failure started nothing new
+    for task in tasks:
+        assert str(caught.value).count(f"WAS created as task {task}") == 1
 
 
 async def test_locked_ledger_exits_75_before_sending(emulator, tmp_path):
