@@ -15,7 +15,7 @@ _NO_SKIPS: Mapping[str, str] = {}
 _PROMPT_WIDTH = 48
 _IMAGE_WIDTH = 20
 _ID_WIDTH = 36
-_ACTION_WIDTH = 28
+_ACTION_WIDTH = 36
 #: What every cost figure is, said wherever one is shown.
 NOTE = "an estimate, not a quote: APIMart publishes no price table and bills per second"
 
@@ -56,7 +56,7 @@ def render_plan(
     )
     if used:
         lines.append(f"Prices used, USD per second: {used}.")
-    lines.append("Override them with --price MODEL/RESOLUTION=USD or a 'prices:' block.")
+    lines.append("Override these prices with --price MODEL/RESOLUTION=USD or a 'prices:' block.")
     lines.append("* = the API's default (the field is left out of the request).")
     return "\n".join(lines)
 
@@ -127,7 +127,9 @@ def _table(jobs: Sequence[Job], skipped: Mapping[str, str]) -> list[str]:
     rows = [head]
     for job in jobs:
         reason = skipped.get(job.job_id)
-        action = [_fit(f"skip: {reason}" if reason else "run", _ACTION_WIDTH)] if skipped else []
+        # The cell keeps the reason's first clause; --json carries the whole of it.
+        short = reason.split(" (")[0].split(";")[0] if reason else ""
+        action = [_fit(f"skip: {short}" if reason else "run", _ACTION_WIDTH)] if skipped else []
         rows.append([
             *action,
             _fit(job.job_id, _ID_WIDTH),

@@ -10,17 +10,19 @@ These rules are what "never pay twice" rests on:
 - the same id recorded for another manifest (a shared ledger): hold and say so;
 - the request changed since its row was written: hold and say so, unless
   ``--resubmit-changed`` (a new, deliberate purchase, made only once the earlier
-  task's video is downloaded or the task ended without one); a rejected or errored job
+  task's video is downloaded, its link expired, or the task ended without one); a
+  rejected or errored job
   whose request changed is simply submitted, since that is how it gets fixed.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from runner.models import Job
+from runner.models import Job, parse_iso
 
 Verdict = Literal["submit", "done", "unknown", "rejected", "changed"]
 
@@ -57,7 +59,9 @@ def decide(
     if recorded and recorded != job.fingerprint:
         if status in NOT_CREATED or status == "rejected":
             return Decision(job, "submit", f"changed since it was {status}")
-        if resubmit_changed and status in UNSECURED:
+        expires = parse_iso(row.get("expires_at", ""))
+        lost = status == "completed" and expires is not None and expires <= time.time()
+        if resubmit_changed and status in UNSECURED and not lost:
             # Only the last row of an id is polled and fetched: replacing it now would
             # abandon a paid video that is still running or not yet on disk.
             return Decision(

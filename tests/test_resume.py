@@ -68,6 +68,15 @@ def test_changed_request(status, flag, verdict):
         assert "new id" in decision.reason or "fetch it first" in decision.reason
 
 
+def test_an_expired_link_does_not_block_resubmit_changed():
+    """A completed task whose link expired can no longer be fetched: it blocks nothing."""
+    edited = replace(JOB, prompt="a cat, at night")
+    expired = row("completed", expires_at="2020-01-01T00:00:00Z")
+    assert decide(edited, expired, resubmit_changed=True).verdict == "submit"
+    alive = row("completed", expires_at="2999-01-01T00:00:00Z")
+    assert decide(edited, alive, resubmit_changed=True).verdict == "changed"
+
+
 def test_same_id_from_another_manifest_is_held():
     """A shared ledger: the same id and request under another manifest name is not ours."""
     other = replace(JOB, manifest_name="other")
