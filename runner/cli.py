@@ -34,7 +34,9 @@ from runner.retry import RetryPolicy
 EXIT_CODES = """\
 exit codes:
   0    every job submitted or already done (jobs held back by --max-jobs are fine)
-  1    some jobs rejected, error, unknown, changed, failed; or stopped at --budget
+  1    some jobs rejected, error, unknown, changed, failed, cancelled or not_found;
+       stopped at --budget; tasks of another API left alone; or (with --wait, and for
+       download) videos not on disk yet
   2    invalid usage, manifest or ledger: nothing was sent (or, if the ledger
        became unwritable mid-run, nothing more; the message names any task id)
   3    stopped by the API: key, permission or balance
@@ -108,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ledger CSV (default: <manifest stem>.ledger.csv beside it; "
                         "<stem>.mock.ledger.csv with --mock)")
     p.add_argument("-j", "--concurrency", type=_positive_int, default=8, metavar="N",
-                   help="submissions in flight at most (default 8)")
+                   help="API requests in flight at most: submissions, polls and uploads "
+                        "(default 8; --wait downloads get as many again)")
     p.add_argument("--rate", type=_rate, metavar="N/s",
                    help="at most this many requests, e.g. 2/s or 30/min")
     p.add_argument("--max-jobs", type=_positive_int, metavar="N",
@@ -161,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = command("mock-server", "Run the APIMart emulator on 127.0.0.1 (for tests and demos).")
-    p.add_argument("--port", type=_port, default=8765, help="port (0 = any free port)")
+    p.add_argument("--port", type=_port, default=8765,
+                   help="port on 127.0.0.1 (default 8765; 0 = any free port)")
     emulator_config.add_arguments(p)
     p.set_defaults(func=cmd_mock_server)
     return parser
