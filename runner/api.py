@@ -155,18 +155,12 @@ class Client:
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        """The open session; raises if used outside ``async with``."""
-        if self._session is None:
-            msg = "Client used outside 'async with'"
-            raise RuntimeError(msg)
-        return self._session
+        """The open API session; raises if used outside ``async with``."""
+        return _opened(self._session)
 
     @property
     def _files_session(self) -> aiohttp.ClientSession:
-        if self._files is None:
-            msg = "Client used outside 'async with'"
-            raise RuntimeError(msg)
-        return self._files
+        return _opened(self._files)
 
     def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         headers = {"Authorization": f"Bearer {self.api_key.reveal()}"}
@@ -287,6 +281,13 @@ class Client:
             msg = f"{what}: got {size} of {expected} bytes; the connection ended early"
             raise RetryableError(msg)
         return size
+
+
+def _opened(session: aiohttp.ClientSession | None) -> aiohttp.ClientSession:
+    if session is None:
+        msg = "Client used outside 'async with'"
+        raise RuntimeError(msg)
+    return session
 
 
 def parse_task(task_id: str, data: Mapping[str, Any]) -> TaskState:
