@@ -283,6 +283,27 @@ class Client:
         return size
 
 
+#: Spellings other gateways and older revisions use (apimart-api.md §3, §7), by ours.
+_STATUS_ALIASES: Final = {
+    "success": "completed", "succeeded": "completed", "complete": "completed",
+    "failure": "failed", "error": "failed", "canceled": "cancelled",
+    "queued": "pending", "submitted": "pending", "in_progress": "processing",
+    "running": "processing",
+}  # fmt: skip
+_STATUSES: Final = frozenset({"pending", "processing", *TERMINAL_STATES})
+
+
+def normal_status(status: str) -> str:
+    """The documented status for ``status``; an unheard-of one counts as still processing.
+
+    Treating the unknown as running keeps the task polled (bounded by --deadline) instead of
+    recording a state that no later command would poll or download again.
+    """
+    status = status.strip().lower()
+    status = _STATUS_ALIASES.get(status, status)
+    return status if status in _STATUSES else "processing"
+
+
 def _opened(session: aiohttp.ClientSession | None) -> aiohttp.ClientSession:
     if session is None:
         msg = "Client used outside 'async with'"
@@ -311,7 +332,7 @@ def parse_task(task_id: str, data: Mapping[str, Any]) -> TaskState:
     cost = data.get("cost")
     return TaskState(
         task_id=task_id,
-        status=str(data["status"]),
+        status=normal_status(str(data["status"])),
         progress=int(progress) if isinstance(progress, int | float) else None,
         video_urls=tuple(urls),
         expires_at=expires,

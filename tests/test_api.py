@@ -1178,3 +1178,22 @@ async def test_a_slow_download_never_holds_up_a_submission(echo, connect):
     download.cancel()
     with pytest.raises(asyncio.CancelledError):
         await download
+
+
+@pytest.mark.parametrize(
+    ("given", "status"),
+    [
+        pytest.param("completed", "completed", id="documented"),
+        pytest.param("SUCCEEDED", "completed", id="succeeded"),
+        pytest.param("failure", "failed", id="failure"),
+        pytest.param("canceled", "cancelled", id="us-spelling"),
+        pytest.param("queued", "pending", id="queued"),
+        pytest.param("in_progress", "processing", id="in-progress"),
+        pytest.param("mystery", "processing", id="unheard-of"),
+    ],
+)
+def test_task_statuses_are_normalised(given, status):
+    """Other spellings map to the documented statuses; an unknown one keeps the task polled."""
+    state = parse_task("task_x", {"status": given, "progress": 5})
+    assert state.status == status
+    assert state.terminal == (status in ("completed", "failed", "cancelled"))
