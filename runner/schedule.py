@@ -148,14 +148,16 @@ class Limiter:
             self.in_flight -= 1
             self._cond.notify_all()
 
-    def succeeded(self) -> None:
-        """Count a success: after a full window of them, allow one more in flight."""
+    async def succeeded(self) -> None:
+        """Count a success: after a full window of them, allow one more in flight (at once)."""
         if self.limit >= self.max_limit:
             return
         self._successes += 1
         if self._successes >= self.limit:
             self._successes = 0
             self.limit += 1
+            async with self._cond:
+                self._cond.notify_all()
 
     def throttled(self, wait: float) -> None:
         """The API said 429: halve the limit and pause every worker for ``wait`` seconds."""
@@ -199,7 +201,7 @@ async def retrying(
             with contextlib.suppress(Stopped):
                 await sleep_unless(stop, wait, sleep)
             continue
-        limiter.succeeded()
+        await limiter.succeeded()
         return result
 
 

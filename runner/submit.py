@@ -153,7 +153,7 @@ class Submitter:
                 self._fail(job, "error", attempt, exc, maybe_created)
                 self._stop(exc)
             else:
-                self.limiter.succeeded()
+                await self.limiter.succeeded()
                 note = "replayed by the API for the same Idempotency-Key" if done.replayed else None
                 try:
                     self.ledger.append(

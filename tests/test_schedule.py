@@ -92,10 +92,23 @@ async def test_throttle_halves_limit_pauses_and_recovers():
     assert fake.now == pytest.approx(1005.0)
     await limiter.release()
     for _ in range(4 + 5 + 6 + 7):
-        limiter.succeeded()
+        await limiter.succeeded()
     assert limiter.limit == 8
-    limiter.succeeded()
+    await limiter.succeeded()
     assert limiter.limit == 8
+
+
+async def test_a_grown_limit_wakes_a_waiter_at_once():
+    """When successes raise the limit, a request waiting for a slot starts without a release."""
+    limiter = Limiter(2)
+    limiter.throttled(0.0)
+    await limiter.acquire()
+    waiter = asyncio.create_task(limiter.acquire())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    await limiter.succeeded()
+    await asyncio.wait_for(waiter, 1.0)
+    assert limiter.in_flight == 2
 
 
 async def test_throttle_never_below_one():
