@@ -36,7 +36,7 @@ from runner.lifecycle import (
 )
 from runner.manifest import Manifest, load_manifests
 from runner.models import Job
-from runner.poll import POLLABLE_STATES, PollTiming
+from runner.poll import NO_VIDEO_STATES, POLLABLE_STATES, PollTiming
 from runner.resume import Decision, decide
 from runner.retry import RetryPolicy
 from runner.runtime import connect, interrupts, merged_error
@@ -50,7 +50,7 @@ SUMMARY_ORDER = (
     "downloaded", "download errors", "expired",
 )  # fmt: skip
 #: Final states that a person has to look at: the run exits 1 while any job is in one.
-NEEDS_ACTION = frozenset({"rejected", "error", "unknown", "failed", "cancelled", "not_found"})
+NEEDS_ACTION = frozenset({"rejected", "error", "unknown"}) | NO_VIDEO_STATES
 
 
 @dataclass(frozen=True, slots=True)

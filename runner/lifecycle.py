@@ -34,7 +34,7 @@ from runner.errors import (
     UsageError,
 )
 from runner.ledger import Recorder, keep_synced, ledger_is_mock, open_ledger
-from runner.poll import POLLABLE_STATES, Poller, PollTiming
+from runner.poll import NO_VIDEO_STATES, POLLABLE_STATES, Poller, PollTiming
 from runner.retry import RetryPolicy
 from runner.runtime import connect, interrupts, merged_error
 from runner.schedule import Limiter
@@ -221,7 +221,7 @@ async def _on_ledger(config: LedgerConfig, console: Console, *, poll: bool, down
         return EXIT_API_STOPPED
     if skipped:
         return EXIT_JOBS_FAILED
-    bad = {"failed", "cancelled", "not_found"} | ({"completed"} if download else set())
+    bad = NO_VIDEO_STATES | ({"completed"} if download else set())
     if config.wait and poll:
         bad |= POLLABLE_STATES
     return EXIT_JOBS_FAILED if any(states.get(s) for s in bad) else EXIT_OK
@@ -233,7 +233,7 @@ def show_progress(media: Media, console: Console) -> None:
     total = poller.waiting
 
     def update() -> None:
-        failed = sum(poller.counts[s] for s in ("failed", "cancelled", "not_found"))
+        failed = sum(poller.counts[s] for s in NO_VIDEO_STATES)
         counts = {"completed": poller.counts["completed"], "failed": failed,
                   "running": poller.waiting}
         console.progress(total - poller.waiting, total, counts)

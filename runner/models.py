@@ -7,9 +7,7 @@ import json
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
-
-Model = Literal["sora-2", "sora-2-pro"]
+from typing import Any
 
 #: What the API assumes when a field is omitted (apimart-api.md §1.1).
 API_DEFAULT_DURATION = 4

@@ -30,6 +30,8 @@ from runner.schedule import Clock, Limiter, Sleep, Stopped, retrying
 
 #: Last statuses that have a task to poll.
 POLLABLE_STATES = frozenset({"submitted", "pending", "processing"})
+#: Last statuses of a task that ended without a video (APIMart refunds failed tasks).
+NO_VIDEO_STATES = frozenset({"failed", "cancelled", "not_found"})
 #: How a 400 says the task id itself is unknown (documented: "Invalid task ID").
 _UNKNOWN_TASK = re.compile(r"\b(invalid|unknown)[ _-]?task[ _-]?id\b", re.IGNORECASE)
 

@@ -15,6 +15,7 @@ from runner.api import DEFAULT_BASE_URL
 from runner.download import expires_ts, needs_download
 from runner.ledger import COLUMNS, ledger_path, read_latest, write_csv
 from runner.models import Job
+from runner.poll import NO_VIDEO_STATES
 
 EXPIRING_WITHIN = 24 * 3600.0
 _TABLE = (("job_id", 28), ("status", 11), ("task_id", 32), ("progress", 8), ("expires_at", 20),
@@ -80,7 +81,7 @@ def _next_steps(
     if expired:
         steps.append(f"{len(expired)} links expired before download: give those jobs new ids "
                      "to generate them again")
-    bad = totals.get("failed", 0) + totals.get("cancelled", 0) + totals.get("not_found", 0)
+    bad = sum(totals.get(status, 0) for status in NO_VIDEO_STATES)
     if bad:
         steps.append(f"{bad} failed, cancelled or lost by the API (refunded per APIMart): "
                      "give those jobs new ids to try again")

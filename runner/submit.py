@@ -31,6 +31,7 @@ from runner.errors import (
 )
 from runner.ledger import Recorder
 from runner.models import Job, iso_utc, parse_iso
+from runner.resume import AMBIGUOUS
 from runner.retry import RetryPolicy
 from runner.schedule import Clock, Limiter, Sleep, Stopped, retrying, sleep_unless
 
@@ -113,7 +114,7 @@ class Submitter:
         # Once any try was ambiguous the task may exist: whatever comes later, the job can
         # only end 'submitted' or 'unknown', never 'error' (which the next run resends).
         maybe_created: AmbiguousError | None = None
-        if self.ledger.latest.get(job.job_id, {}).get("status") in ("unknown", "submitting"):
+        if self.ledger.latest.get(job.job_id, {}).get("status") in AMBIGUOUS:
             # --resubmit-unknown: an earlier run's try may already have created it.
             maybe_created = AmbiguousError("an earlier run's try may have created the task")
         while True:
@@ -232,7 +233,7 @@ class Submitter:
         row = self.ledger.latest.get(job.job_id, {})
         # Resending an ambiguous job: the body must match the first one byte for byte,
         # or a server that honours Idempotency-Key answers 422 instead of replaying.
-        ambiguous = row.get("status") in ("unknown", "submitting")
+        ambiguous = row.get("status") in AMBIGUOUS
         if ambiguous and row.get("image_sha256") == sha and row.get("image_url"):
             return row["image_url"]
         pending = self._uploads.get(sha)
