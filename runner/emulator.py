@@ -1,4 +1,4 @@
-"""A local APIMart emulator: the documented Sora 2 contract plus injectable faults.
+"""A local APIMart emulator: the documented contract of every catalog model, plus faults.
 
 Used by the tests over loopback sockets, in-process by ``--mock`` runs, and standalone by
 ``apimart-batch mock-server``. Time comes from an injectable clock (unix seconds), so a test
@@ -8,7 +8,16 @@ flags in :mod:`runner.emulator_config`.
 
 Decisions where the contract (apimart-api.md) is silent:
 
-- unknown body fields are accepted and ignored, as gateways do; ``thumbnail: true`` is honoured;
+- each body is checked against its model's schema in the catalog (:mod:`runner.catalog`), as a
+  gateway reads it: unknown fields are ignored, a null field counts as omitted, integers must
+  be integer literals; ``thumbnail: true`` is honoured for every model;
+- a model outside the catalog, or retired by the ``retired_models`` knob, gets the
+  model-unavailable answer (:func:`~runner.emulator_contract.model_unavailable`; its real
+  shape is unknown, so both likely forms are offered) before anything else is looked at:
+  no task, no charge, no Idempotency-Key record;
+- a model whose catalog ``response`` is ``object`` (Grok) is answered ``data: {id, ...}`` as
+  its page shows; every task query has the same shape;
+- only Sora has a published price, so only Sora's completed tasks carry ``cost``;
 - the same ``Idempotency-Key`` with a different body is 422 (IETF idempotency-key draft);
 - 401/402/403/429/503 faults refuse a submit before any task exists; 500/502/504 are sent
   after the task was created, like a gateway that lost the upstream's answer;
@@ -37,6 +46,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.typedefs import Handler
 
 from runner import emulator_contract as contract
+from runner.catalog import ModelSpec, load_catalog
 from runner.emulator_config import (
     DEFAULT_CONFIG,
     EmulatorConfig,
@@ -106,6 +116,9 @@ class Emulator:
         self.config = config
         self._clock = clock
         self._rng = random.Random(config.seed)
+        self._catalog = load_catalog(config.catalog_dir)
+        self._validators = contract.gateway_validators(self._catalog)
+        self._unavailable: Counter[str] = Counter()
         self._tasks: dict[str, _Task] = {}
         self._by_idempotency_key: dict[str, tuple[str, str]] = {}
         self._scripts: dict[str, deque[str]] = {route: deque() for route in ACTIONS}
@@ -212,6 +225,8 @@ class Emulator:
             "uploads": self._per_sha256.total(),
             "uploads_per_sha256": dict(self._per_sha256),
             "downloads": self._downloads,
+            # Submits answered model-unavailable (retired or not in the catalog), by model.
+            "unavailable_models": dict(self._unavailable),
             "faults": dict(self._faults),
             "scripted_left": {route: len(queue) for route, queue in self._scripts.items()},
         }
@@ -323,7 +338,17 @@ class Emulator:
             body = await request.json()
         except ValueError:
             return contract.error(400, "Invalid request parameters: the body is not valid JSON")
-        problem = contract.problem(body, self.config.legacy_values, self._image_size)
+        problem = contract.routing_problem(body)
+        if problem is not None:
+            return contract.error(400, problem)
+        model: str = body["model"]
+        spec = self._catalog.get(model)
+        if spec is None or model in self.config.retired_models:
+            self._unavailable[model] += 1
+            return contract.model_unavailable(model, self.config.unavailable_status, self._rid())
+        legacy = self.config.legacy_values
+        validator = self._validators[model]
+        problem = contract.problem(body, spec, validator, legacy, self._image_size)
         if problem is None:
             problem = contract.idempotency_key_problem(request.headers.get("Idempotency-Key"))
         if problem is not None:
@@ -343,7 +368,7 @@ class Emulator:
         elif self.config.quota is not None and len(self._tasks) >= self.config.quota:
             return contract.quota_error(self.config.quota_status)
         else:
-            task = self._create(body, key, idem, digest, action == "fail_task")
+            task = self._create(body, spec, key, idem, digest, action == "fail_task")
             self._idempotency_key_by_task[task.id] = request.headers.get("Idempotency-Key")
         if action in _AFTER_CREATE:
             return self._refuse(int(action), _fault("submit", action))
@@ -362,23 +387,36 @@ class Emulator:
             status = self._status(task)[0] if replayed else "pending"
             data = {"id": task.id, "status": status, "object": "generation.task"}
             doc: dict[str, Any] = {"data": data, "request_id": "req_" + self._ulid()}
+        elif spec.response == "object":
+            # Grok's page: data is one object keyed "id", not a list keyed "task_id".
+            created = int(task.created)
+            item = {"id": task.id, "status": "submitted", "progress": 0, "created": created}
+            doc = {"code": 200, "data": {**item, "type": "video"}}
         else:
             doc = {"code": 200, "data": [{"status": "submitted", "task_id": task.id}]}
         return web.json_response(doc, headers=headers)
 
     def _create(
-        self, body: dict[str, Any], key: str, idem: str | None, digest: str, fail: bool
+        self,
+        body: dict[str, Any],
+        spec: ModelSpec,
+        key: str,
+        idem: str | None,
+        digest: str,
+        fail: bool,
     ) -> _Task:
         rate = self.config.fail_rate
         failure = None
         if fail or (rate and self._rng.random() < rate):
             failure = self._rng.choice(contract.TASK_FAILURES)
+        # What the API renders (and bills): the body's value, else the model's default.
+        field = spec.fields.get("resolution", "resolution")
         task = _Task(
             id="task_" + self._ulid(),
             created=self._clock(),
-            model=body["model"],
-            seconds=body.get("duration") or contract.DEFAULT_DURATION,
-            resolution=body.get("resolution") or contract.DEFAULT_RESOLUTION,
+            model=spec.id,
+            seconds=body.get("duration") or spec.defaults.get("duration") or 0,
+            resolution=str(body.get(field) or spec.defaults.get(field) or ""),
             thumbnail=body.get("thumbnail") is True,
             failure=failure,
         )
@@ -392,6 +430,11 @@ class Emulator:
 
     def _ulid(self) -> str:
         return contract.ulid(int(self._clock() * 1000), self._rng.getrandbits(80))
+
+    def _rid(self) -> str:
+        """A new-api style request id: UTC time to the second, then 8 random digits."""
+        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(self._clock()))
+        return f"{stamp}{self._rng.randrange(10**8):08d}"
 
     def _image_size(self, url: str) -> int | None:
         """Bytes of an image this emulator serves at ``url``, else None (unknown to us)."""
@@ -462,8 +505,10 @@ class Emulator:
             result["thumbnail_url"] = f"{origin}/f/image/{created}-thumbnail_{task.id}.jpg"
         result["videos"] = [video]
         data["result"] = result
-        data["cost"] = contract.cost(task.model, task.resolution, task.seconds)
-        data["credits_cost"] = round(data["cost"] * contract.CREDITS_PER_USD)
+        cost = contract.cost(task.model, task.resolution, task.seconds)
+        if cost is not None:
+            data["cost"] = cost
+            data["credits_cost"] = round(cost * contract.CREDITS_PER_USD)
         return data
 
     def _completed_at(self, task: _Task) -> int:

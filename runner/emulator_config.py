@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
 from typing import Any, Literal
 
 from runner.errors import UsageError
@@ -45,9 +46,17 @@ class EmulatorConfig:
     p_poll_error: float = 0.0
     p_download_reset: float = 0.0
     adopt_tasks: bool = False
+    retired_models: frozenset[str] = frozenset()
+    unavailable_status: int = 503
+    catalog_dir: Path | None = None
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.retired_models, str):
+            msg = f"'retired_models' must be a set of model ids (got {self.retired_models!r})"
+            raise ValueError(msg)
+        # Frozen: a list or set given by a caller still makes a hashable config.
+        object.__setattr__(self, "retired_models", frozenset(self.retired_models))
         for name in ("fail_rate", *(f.name for f in fields(self) if f.name.startswith("p_"))):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 msg = f"{name!r} must be between 0 and 1 (got {getattr(self, name)})"
@@ -61,6 +70,9 @@ class EmulatorConfig:
             raise ValueError(msg)
         if self.quota_status not in (402, 403):
             msg = f"'quota_status' must be 402 or 403 (got {self.quota_status})"
+            raise ValueError(msg)
+        if self.unavailable_status not in (503, 404):
+            msg = f"'unavailable_status' must be 503 or 404 (got {self.unavailable_status})"
             raise ValueError(msg)
         if self.rate_limit_rps is not None and self.rate_limit_rps <= 0:
             msg = f"'rate_limit_rps' must be > 0 (got {self.rate_limit_rps})"
@@ -123,31 +135,54 @@ HELP: dict[str, str] = {
     "p_download_reset": "probability that a video download stops halfway and drops",
     "adopt_tasks": "answer for well-formed task ids of an earlier emulator process (as sora-2 "
     "720p 4 s tasks created at the id's ULID time), so --mock ledgers outlive their run",
+    "retired_models": "model id whose submits get the model-unavailable answer, as a model "
+    "not in the catalog does; nothing is created (repeatable). ASSUMPTION: APIMart's real "
+    "answer is unknown; see --unavailable-status",
+    "unavailable_status": "how a retired or uncatalogued model is refused (both assumed, both "
+    "with error.code model_not_found): 503 new-api 'no available channel', or 404 "
+    "OpenAI-style 'model does not exist'",
+    "catalog_dir": "folder of model schemas that submits are validated against "
+    "(default: the shipped catalog)",
     "seed": "random seed, for reproducible ids, latencies and faults",
 }
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "rate_limit_scope": ("submit", "api"),
     "quota_status": (402, 403),
+    "unavailable_status": (503, 404),
 }
+#: Flags not named after their knob: a repeatable flag takes one value each time.
+_FLAG_NAMES = {"retired_models": "retire-model"}
+_METAVARS = {"float": "X", "int": "N", "Path": "DIR", "frozenset[str]": "ID"}
 _DEST = "emulator_"
+
+
+def flag_name(knob: str, prefix: str = "") -> str:
+    """The command-line flag of an ``EmulatorConfig`` knob, e.g. ``--retire-model``."""
+    return "--" + prefix + _FLAG_NAMES.get(knob, knob.replace("_", "-"))
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, prefix: str = "") -> None:
     """Add one ``--{prefix}knob`` flag per ``EmulatorConfig`` knob (dest ``emulator_<knob>``)."""
     group = parser.add_argument_group("emulator")
     for f in fields(EmulatorConfig):
-        flag = "--" + prefix + f.name.replace("_", "-")
+        flag = flag_name(f.name, prefix)
         dest = _DEST + f.name
         default = f.default if f.default is not MISSING else None
-        shown = default not in (None, False)  # zero, off and unset need no mention
+        shown = default not in (None, False, frozenset())  # zero, off and unset need no mention
         help_text = HELP[f.name] + (" (default: %(default)s)" if shown else "")
         if isinstance(default, bool):
             action = argparse.BooleanOptionalAction
             group.add_argument(flag, dest=dest, default=default, help=help_text, action=action)
             continue
         kind = str(f.type).split(" | ")[0]
+        metavar = _METAVARS.get(kind, "TEXT")
+        if isinstance(default, frozenset):
+            group.add_argument(flag, dest=dest, action="append", help=help_text, metavar=metavar)
+            continue
         choices = _CHOICES.get(f.name)
-        convert = type(choices[0]) if choices else {"float": float, "int": int}.get(kind, str)
+        convert = type(choices[0]) if choices else {"float": float, "int": int, "Path": Path}.get(
+            kind, str
+        )
         group.add_argument(
             flag,
             dest=dest,
@@ -155,13 +190,14 @@ def add_arguments(parser: argparse.ArgumentParser, *, prefix: str = "") -> None:
             default=default,
             choices=choices,
             help=help_text,
-            metavar=None if choices else {"float": "X", "int": "N"}.get(kind, "TEXT"),
+            metavar=None if choices else metavar,
         )
 
 
 def config_from_args(ns: argparse.Namespace) -> EmulatorConfig:
     """Build the config from flags added by ``add_arguments``; bad values raise UsageError."""
     knobs = {f.name: getattr(ns, _DEST + f.name) for f in fields(EmulatorConfig)}
+    knobs["retired_models"] = frozenset(knobs["retired_models"] or ())
     try:
         return EmulatorConfig(**knobs)
     except ValueError as exc:

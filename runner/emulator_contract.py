@@ -1,7 +1,8 @@
 """The APIMart contract as data and pure functions: request rules, envelopes, ids and payloads.
 
-Everything here follows apimart-api.md (§1.1 request schema, §1.2 ids, §3 tasks, §4.1 errors,
-§5 uploads, §6 prices); :mod:`runner.emulator` serves it.
+Everything here follows apimart-api.md (§1.2 ids, §3 tasks, §4.1 errors, §5 uploads, §6 prices)
+and, for each model's request body, its schema in the model catalog (``schemas/models/``);
+:mod:`runner.emulator` serves it.
 """
 
 from __future__ import annotations
@@ -9,33 +10,32 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import PurePosixPath
 from typing import Any
-from urllib.parse import urlsplit
 
 from aiohttp import web
+from jsonschema import Draft202012Validator, TypeChecker, validators
+from jsonschema.exceptions import ValidationError, best_match
+from jsonschema.protocols import Validator
 
-from runner.models import API_DEFAULT_DURATION, API_DEFAULT_RESOLUTION
+from runner.catalog import Catalog, ModelSpec, upload_pointers
 
 RESPONSE_VERSION = "2026-07-27"
-DEFAULT_DURATION = API_DEFAULT_DURATION
-DEFAULT_RESOLUTION = API_DEFAULT_RESOLUTION
 UPLOAD_MAX_BYTES = 20 * 1024 * 1024
 UPLOAD_TTL = 72 * 3600
-#: Sora's own limit on a reference image (§1.1), stricter than the upload limit.
-IMAGE_URL_MAX_BYTES = 10 * 1024 * 1024
 
-RESOLUTIONS: dict[str, tuple[str, ...]] = {
-    "sora-2": ("720p",),
-    "sora-2-pro": ("720p", "1024p", "1080p"),
-}
-DURATIONS = (4, 8, 12, 16, 20)
+#: Older Sora durations (§1.3), accepted only with the ``legacy_values`` knob.
 LEGACY_DURATIONS: dict[str, tuple[int, ...]] = {"sora-2": (10, 15), "sora-2-pro": (10, 15, 25)}
-ASPECT_RATIOS = ("16:9", "9:16", "landscape", "portrait")
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".webp")
 
-#: USD per second of video: the §6 suggested table ($0.08 x 1/3/5/7).
+#: How a retired or uncatalogued model is refused. APIMart's real answer is UNKNOWN
+#: (apimart-models.md §4); both are assumptions. 503 is what new-api (the gateway APIMart
+#: appears to run, apimart-api.md §4.3) sends when no channel serves a model; 404 is
+#: OpenAI's own "model does not exist". Both carry ``error.code: "model_not_found"``.
+UNAVAILABLE_STATUSES = (503, 404)
+
+#: USD per second of video: the §6 suggested table ($0.08 x 1/3/5/7). Only Sora has a
+#: published price; other models' completed tasks carry no ``cost`` (theirs are unknown).
 RATES: dict[tuple[str, str], float] = {
     ("sora-2", "720p"): 0.08,
     ("sora-2-pro", "720p"): 0.24,
@@ -123,63 +123,132 @@ def upload_error(status: int, message: str) -> web.Response:
     return web.json_response(body, status=status)
 
 
+def model_unavailable(model: str, status: int, request_id: str) -> web.Response:
+    """The answer for a model that is retired or not served (status from UNAVAILABLE_STATUSES).
+
+    503 copies new-api's distributor (HTTP 503, ``type: new_api_error``, the message in
+    Chinese with its request id); 404 copies OpenAI's. Both are assumptions, see above.
+    """
+    if status == 503:
+        message = f"当前分组 default 下对于模型 {model} 无可用渠道 (request id: {request_id})"
+        kind = "new_api_error"
+    else:
+        message = f"The model `{model}` does not exist or you do not have access to it."
+        kind = "invalid_request_error"
+    body = {"error": {"code": "model_not_found", "message": message, "type": kind}}
+    return web.json_response(body, status=status)
+
+
 def _bad(what: str) -> str:
     return f"Invalid request parameters: {what}"
 
 
-def problem(body: object, legacy: bool, image_size: Callable[[str], int | None]) -> str | None:
-    """Why ``body`` is not a valid Sora 2 request (§1.1), or None when it is.
-
-    Args:
-        body: the parsed JSON body.
-        legacy: also accept the older durations (§1.3).
-        image_size: bytes of an image URL when known (our own uploads), else None.
-    """
+def routing_problem(body: object) -> str | None:
+    """Why ``body`` names no model to route to (not an object, no model), or None."""
     if not isinstance(body, dict):
         return _bad("the body must be a JSON object")
     model = body.get("model")
     if model is None or model == "":
         return "Model name is required"
-    if not isinstance(model, str) or model not in RESOLUTIONS:
-        return _bad(f"model {json.dumps(model)} is not supported (allowed: sora-2, sora-2-pro)")
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        return _bad("'prompt' is required and must be a non-empty string")
+    if not isinstance(model, str):
+        return _bad(f"'model' must be a string (got {json.dumps(model)})")
+    return None
+
+
+def _json_integer(checker: TypeChecker, instance: object) -> bool:
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_ADDITIONAL = Draft202012Validator.VALIDATORS["additionalProperties"]
+
+
+def _unknown_fields_ignored(
+    validator: Validator, value: Any, instance: Any, schema: Mapping[str, Any]
+) -> Iterator[ValidationError]:
+    if value is not False:
+        yield from _ADDITIONAL(validator, value, instance, schema)
+
+
+#: The model schemas read as a gateway reads a body: an unknown field is ignored (Go's JSON
+#: decoding drops it), and an integer field takes only an integer literal (``8.0`` does not
+#: decode into an int; APIMart answers 400 for a quoted duration, apimart-api.md §1.1).
+GatewayValidator: type[Validator] = validators.extend(  # type: ignore[no-untyped-call]
+    Draft202012Validator,
+    validators={"additionalProperties": _unknown_fields_ignored},
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _json_integer),
+)
+
+
+def gateway_validators(catalog: Catalog) -> dict[str, Validator]:
+    """One :data:`GatewayValidator` per catalog model id, $refs resolved in the catalog."""
+    return {
+        model: GatewayValidator(spec.schema, registry=catalog.registry)
+        for model, spec in catalog.items()
+    }
+
+
+def problem(
+    body: dict[str, Any],
+    spec: ModelSpec,
+    validator: Validator,
+    legacy: bool,
+    image_size: Callable[[str], int | None],
+) -> str | None:
+    """Why ``body`` is not a valid request for ``spec``'s model, or None when it is.
+
+    Args:
+        body: the parsed JSON object; a null field counts as omitted, as a gateway's
+            optional (pointer) fields read it.
+        spec: the catalog entry of ``body["model"]``.
+        validator: ``spec``'s schema as a gateway reads it (:func:`gateway_validators`).
+        legacy: also accept the older Sora durations (§1.3).
+        image_size: bytes of an image URL when known (our own uploads), else None.
+    """
+    present = {name: value for name, value in body.items() if value is not None}
+    errors: Iterable[ValidationError] = validator.iter_errors(present)
+    if legacy:
+        errors = (e for e in errors if not _legacy_duration(e, present, spec.id))
+    error = best_match(errors)
+    if error is not None:
+        return _bad(_describe(error, spec.schema))
+    for pointer, url in upload_pointers(spec, present):
+        size = image_size(url) if isinstance(url, str) else None
+        if size is not None and size > spec.max_image_bytes:
+            limit = spec.max_image_bytes
+            return _bad(f"'{_where(pointer)}': the image is {size} bytes, more than {limit}")
+    return None
+
+
+def _legacy_duration(error: ValidationError, body: Mapping[str, Any], model: str) -> bool:
     duration = body.get("duration")
-    allowed = DURATIONS + (LEGACY_DURATIONS[model] if legacy else ())
-    if duration is not None and (type(duration) is not int or duration not in allowed):
-        choices = ", ".join(map(str, allowed))
-        return _bad(f"'duration' must be an integer, one of {choices} (got {json.dumps(duration)})")
-    resolution = body.get("resolution")
-    if resolution is not None and resolution not in RESOLUTIONS[model]:
-        choices = ", ".join(RESOLUTIONS[model])
-        return _bad(f"'resolution' {json.dumps(resolution)} is not allowed for {model} ({choices})")
-    aspect = body.get("aspect_ratio")
-    if aspect is not None and aspect not in ASPECT_RATIOS:
-        return _bad(f"'aspect_ratio' must be one of {', '.join(ASPECT_RATIOS)}")
-    images = body.get("image_urls")
-    if images is not None:
-        if not isinstance(images, list) or len(images) > 1:
-            return _bad("'image_urls' must be a list of at most 1 URL")
-        for url in images:
-            why = _image_url_problem(url, image_size)
-            if why:
-                return _bad(f"'image_urls': {why}")
-    return None
+    allowed = LEGACY_DURATIONS.get(model, ())
+    return list(error.absolute_path) == ["duration"] and type(duration) is int and (
+        duration in allowed
+    )
 
 
-def _image_url_problem(url: object, image_size: Callable[[str], int | None]) -> str | None:
-    if not isinstance(url, str):
-        return "each entry must be a URL string"
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        return f"{url!r} is not a public http(s) URL"
-    if not parts.path.lower().endswith(IMAGE_EXTENSIONS):
-        return f"{url!r} must end in {'/'.join(IMAGE_EXTENSIONS)}"
-    size = image_size(url)
-    if size is not None and size > IMAGE_URL_MAX_BYTES:
-        return f"the image is {size} bytes, more than {IMAGE_URL_MAX_BYTES}"
-    return None
+def _describe(error: ValidationError, schema: Mapping[str, Any]) -> str:
+    """``'field': what is wrong (the rule's description)``; the field leads."""
+    steps = list(error.absolute_schema_path)
+    rules = schema.get("allOf", [])
+    rule = None
+    if len(steps) > 1 and steps[0] == "allOf" and isinstance(steps[1], int):
+        rule = rules[steps[1]].get("description") if steps[1] < len(rules) else None
+    text = error.message
+    if rule and error.validator in ("not", "oneOf", "anyOf"):
+        # jsonschema's own text for these repeats the whole body and subschema.
+        text, rule = rule, None
+    text = text if len(text) <= 300 else text[:296] + " ..."
+    where = _where(error.absolute_path)
+    return (f"'{where}': " if where else "") + text + (f" ({rule})" if rule else "")
+
+
+def _where(path: Iterable[str | int]) -> str:
+    """A body location as ``image_with_roles[1].url``."""
+    text = ""
+    for step in path:
+        text += f"[{step}]" if isinstance(step, int) else (f".{step}" if text else str(step))
+    return text
 
 
 def idempotency_key_problem(key: str | None) -> str | None:
@@ -217,9 +286,10 @@ def ulid_seconds(task_id: str) -> float | None:
     return (n >> 80) / 1000.0
 
 
-def cost(model: str, resolution: str, seconds: int) -> float:
-    """USD billed for a completed task: seconds x the per-second rate."""
-    return round(seconds * RATES[(model, resolution)], 4)
+def cost(model: str, resolution: str, seconds: int) -> float | None:
+    """USD billed for a completed task: seconds x the per-second rate; None when unpriced."""
+    rate = RATES.get((model, resolution))
+    return None if rate is None else round(seconds * rate, 4)
 
 
 def video_bytes(task_id: str, size: int = 4096) -> bytes:

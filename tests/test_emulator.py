@@ -10,12 +10,14 @@ import re
 import statistics
 import time
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from multidict import CIMultiDictProxy
 
+from runner.catalog import load_catalog
 from runner.emulator import (
     Emulator,
     EmulatorConfig,
@@ -24,6 +26,7 @@ from runner.emulator import (
     running,
     serve_forever,
 )
+from runner.emulator_config import flag_name
 from runner.emulator_contract import UPLOAD_MAX_BYTES, ulid, video_bytes
 from runner.errors import UsageError
 
@@ -130,33 +133,32 @@ async def test_any_non_empty_key_is_accepted_when_none_is_configured(emulator, s
     [
         pytest.param({"model": None}, "Model name is required", id="no-model"),
         pytest.param({"model": ""}, "Model name is required", id="empty-model"),
-        pytest.param({"model": "sora-3"}, "not supported", id="unknown-model"),
-        pytest.param({"model": ["sora-2"]}, "not supported", id="model-list"),
+        pytest.param({"model": ["sora-2"]}, "'model' must be a string", id="model-list"),
         pytest.param({"prompt": None}, "'prompt'", id="no-prompt"),
         pytest.param({"prompt": "   "}, "'prompt'", id="blank-prompt"),
         pytest.param({"prompt": 5}, "'prompt'", id="prompt-int"),
-        pytest.param({"duration": "8"}, '(got "8")', id="duration-string"),
-        pytest.param({"duration": True}, "(got true)", id="duration-bool"),
-        pytest.param({"duration": 8.0}, "(got 8.0)", id="duration-float"),
-        pytest.param({"duration": 7}, "one of 4, 8, 12, 16, 20", id="duration-7"),
-        pytest.param({"duration": 10}, "(got 10)", id="duration-legacy"),
-        pytest.param({"resolution": "1080p"}, "not allowed for sora-2", id="sora2-1080p"),
+        pytest.param({"duration": "8"}, "'duration': '8' is not of type", id="duration-string"),
+        pytest.param({"duration": True}, "'duration': True is not of type", id="duration-bool"),
+        pytest.param({"duration": 8.0}, "'duration': 8.0 is not of type", id="duration-float"),
+        pytest.param({"duration": 7}, "7 is not one of [4, 8, 12, 16, 20]", id="duration-7"),
+        pytest.param({"duration": 10}, "'duration': 10 is not one of", id="duration-legacy"),
+        pytest.param({"resolution": "1080p"}, "sora-2 renders 720p only", id="sora2-1080p"),
         pytest.param({"model": "sora-2-pro", "resolution": "4k"}, "'resolution'", id="pro-4k"),
         pytest.param({"aspect_ratio": "1:1"}, "'aspect_ratio'", id="square"),
         pytest.param({"image_urls": "https://x.test/a.png"}, "'image_urls'", id="urls-str"),
         pytest.param(
             {"image_urls": ["https://x.test/a.png", "https://x.test/b.png"]},
-            "at most 1",
+            "is too long",
             id="two-urls",
         ),
-        pytest.param({"image_urls": ["ftp://x.test/a.png"]}, "http(s)", id="ftp"),
-        pytest.param({"image_urls": ["images/a.png"]}, "http(s)", id="local-path"),
-        pytest.param({"image_urls": ["https://x.test/a.gif"]}, ".jpeg/.jpg", id="gif"),
-        pytest.param({"image_urls": [7]}, "URL string", id="url-int"),
+        pytest.param({"image_urls": ["ftp://x.test/a.png"]}, "'image_urls[0]': 'ftp:", id="ftp"),
+        pytest.param({"image_urls": ["images/a.png"]}, "'image_urls[0]'", id="local-path"),
+        pytest.param({"image_urls": ["https://x.test/a.gif"]}, "'image_urls[0]'", id="gif"),
+        pytest.param({"image_urls": [7]}, "'image_urls[0]': 7 is not of type", id="url-int"),
     ],
 )
 async def test_invalid_requests_get_400_and_create_nothing(emulator, session, change, message):
-    """Every §1.1 rule is enforced with the documented 400 invalid_request_error envelope."""
+    """Every rule of the sora-2 schema is enforced with the 400 invalid_request_error envelope."""
     srv = await emulator()
     body = {k: v for k, v in {**BODY, **change}.items() if v is not None}
     answer = await submit(session, srv, body)
@@ -519,12 +521,15 @@ async def test_upload_over_20_mb_is_413_with_the_documented_message(emulator, se
 
 
 async def test_an_uploaded_image_over_10_mb_is_refused_by_sora(emulator, session):
-    """Uploads may be 20 MB but Sora's ``image_urls`` limit is 10 MB."""
+    """Uploads may be 20 MB but Sora's ``image_urls`` limit (its catalog entry) is 10 MB."""
     srv = await emulator()
+    limit = load_catalog()["sora-2"].max_image_bytes
     doc = (await upload(session, srv, PNG + bytes(11 * 1024 * 1024))).body
     answer = await submit(session, srv, {**BODY, "image_urls": [doc["url"]]})
     assert answer.status == 400
-    assert "10485760" in answer.body["error"]["message"]
+    assert f"'image_urls[0]': the image is {doc['bytes']} bytes, more than {limit}" in (
+        answer.body["error"]["message"]
+    )
 
 
 async def test_uploaded_images_expire_after_72_hours(emulator, session, fake_clock):
@@ -848,6 +853,8 @@ async def test_unknown_api_path_is_a_json_404(emulator, session):
         pytest.param({"quota_status": 401}, id="quota-status"),
         pytest.param({"rate_limit_rps": 0}, id="zero-rps"),
         pytest.param({"rate_limit_scope": "all"}, id="scope"),
+        pytest.param({"unavailable_status": 400}, id="unavailable-status"),
+        pytest.param({"retired_models": "sora-2"}, id="retired-models-str"),
     ],
 )
 def test_bad_config_values_are_refused(knobs):
@@ -863,17 +870,19 @@ def test_every_knob_has_a_flag_and_defaults_round_trip():
     assert config_from_args(parser.parse_args([])) == EmulatorConfig()
     text = parser.format_help()
     for f in fields(EmulatorConfig):
-        assert "--" + f.name.replace("_", "-") in text
+        assert flag_name(f.name) in text
 
 
 def test_flags_build_the_config():
-    """Flags of each kind (float, int, str, bool, choice) reach the config."""
+    """Flags of each kind (float, int, str, bool, choice, path, repeated) reach the config."""
     parser = argparse.ArgumentParser()
     add_arguments(parser, prefix="mock-")
     argv = [
         *("--mock-key", "k", "--mock-p-503", "0.25", "--mock-quota", "5"),
         *("--mock-quota-status", "403", "--mock-retry-after", "3", "--no-mock-idempotency"),
         *("--mock-url-as-string", "--mock-rate-limit-scope", "api", "--mock-seed", "9"),
+        *("--mock-retire-model", "sora-2", "--mock-retire-model", "kling-v3"),
+        *("--mock-unavailable-status", "404", "--mock-catalog-dir", "models"),
     ]
     ns = parser.parse_args(argv)
     assert config_from_args(ns) == EmulatorConfig(
@@ -886,6 +895,9 @@ def test_flags_build_the_config():
         url_as_string=True,
         rate_limit_scope="api",
         seed=9,
+        retired_models=frozenset({"sora-2", "kling-v3"}),
+        unavailable_status=404,
+        catalog_dir=Path("models"),
     )
 
 
