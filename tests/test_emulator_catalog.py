@@ -88,6 +88,25 @@ EXAMPLES = [
     for index, example in enumerate(spec.schema.get("examples", []))
 ]
 OBJECT_MODELS = [model for model, spec in CATALOG.items() if spec.response == "object"]
+#: The catalog's own request files (schemas/models/README.md), by model folder.
+DATA = Path(__file__).resolve().parent / "data" / "models"
+VALID_FILES = sorted(DATA.glob("*/valid/*.json"))
+INVALID_FILES = sorted(DATA.glob("*/invalid/*.json"))
+
+
+def expected_answer(request: dict[str, Any]) -> str:
+    """What the emulator answers a catalog-invalid body: 400, unavailable, or accepted.
+
+    A body whose only fault is a field its schema lacks is accepted: a gateway ignores
+    unknown JSON fields (the emulator's documented decision); apimart-batch refuses them
+    before sending.
+    """
+    model = request.get("model")
+    spec = CATALOG.get(model) if isinstance(model, str) else None
+    if spec is None:
+        return "unavailable"
+    errors = list(spec.validator.iter_errors(request))
+    return "accepted" if all(e.validator == "additionalProperties" for e in errors) else "400"
 
 
 def test_the_shipped_catalog_is_covered() -> None:
@@ -232,6 +251,43 @@ async def test_every_documented_example_is_accepted(
     status, doc = await post(session, srv, example)
     assert status == 200, doc
     assert srv.emulator.stats()["tasks_created"] == 1
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(DATA))
+
+
+@pytest.mark.parametrize("path", VALID_FILES, ids=_rel)
+async def test_every_valid_request_file_is_accepted(
+    emulator: EmulatorFactory, session: aiohttp.ClientSession, path: Path
+) -> None:
+    """Each ``tests/data/models/*/valid/*.json`` body creates a task."""
+    srv = await emulator()
+    status, doc = await post(session, srv, json.loads(path.read_text(encoding="utf-8")))
+    assert status == 200, doc
+
+
+@pytest.mark.parametrize("path", INVALID_FILES, ids=_rel)
+async def test_every_invalid_request_file_is_refused_at_its_path(
+    emulator: EmulatorFactory, session: aiohttp.ClientSession, path: Path
+) -> None:
+    """Each ``invalid/*.json`` body is a 400 naming its ``path`` (see ``expected_answer``)."""
+    case = json.loads(path.read_text(encoding="utf-8"))
+    srv = await emulator()
+    status, doc = await post(session, srv, case["request"])
+    expected = expected_answer(case["request"])
+    if expected == "accepted":
+        assert status == 200, doc
+        return
+    if expected == "unavailable":
+        assert_unavailable(status, doc, case["request"]["model"], 503)
+        return
+    where = "".join(
+        f"[{step}]" if step.isdigit() else (f".{step}" if index else step)
+        for index, step in enumerate(case["path"].split(".") if case["path"] else [])
+    )
+    assert_invalid(status, doc, f"'{where}" if where else "")
+    assert srv.emulator.stats()["tasks_created"] == 0
 
 
 # -- image limits per model --------------------------------------------------------------------
