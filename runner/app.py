@@ -72,6 +72,7 @@ class RunConfig:
     base_url: str = DEFAULT_BASE_URL
     summary_json: str | None = None
     prices: Mapping[str, float] = field(default_factory=dict)
+    allow_unknown_models: bool = False
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     wait: bool = False
     out: str | None = None
@@ -117,6 +118,8 @@ class Outcome:
     still_running: int = 0
     other_target: int = 0
     estimate: float = 0.0
+    unpriced: int = 0
+    unavailable: dict[str, str] = field(default_factory=dict)
     elapsed: float = 0.0
     signal: int | None = None
     fatal: str | None = None
@@ -124,7 +127,7 @@ class Outcome:
 
 async def run(config: RunConfig, console: Console) -> int:
     """Submit every job of the manifests that is not done yet; return the exit code."""
-    manifests = load_manifests(config.manifests)
+    manifests = load_manifests(config.manifests, allow_unknown_models=config.allow_unknown_models)
     prices = pricing.merged_prices(manifests, config.prices)
     jobs = [job for manifest in manifests for job in manifest.jobs]
     with ExitStack() as stack:
@@ -144,10 +147,11 @@ async def run(config: RunConfig, console: Console) -> int:
             await _submit_all(selected, client, ledgers, config, console, outcome,
                               every=[job.job_id for job in jobs])
         # Only what reached the API may cost money: submitted, or unknown (maybe billed).
-        outcome.estimate = sum(
-            pricing.estimate(job, prices) for job in selected
-            if ledgers.latest.get(job.job_id, {}).get("status") not in (None, "error", "rejected")
-        )
+        sent = [job for job in selected if ledgers.latest.get(job.job_id, {}).get("status")
+                not in (None, "error", "rejected")]
+        costs = [pricing.estimate(job, prices) for job in sent]
+        outcome.estimate = sum(cost for cost in costs if cost is not None)
+        outcome.unpriced = sum(1 for cost in costs if cost is None)
         return _finish(outcome, ledgers, jobs, config, console)
 
 
@@ -181,7 +185,7 @@ def _decide(job: Job, ledgers: Ledgers, config: RunConfig) -> Decision:
 def _select(
     decisions: Sequence[Decision],
     config: RunConfig,
-    prices: Mapping[str, float],
+    prices: Mapping[str, float | None],
     outcome: Outcome,
     console: Console,
 ) -> list[Job]:
@@ -203,6 +207,19 @@ def _select(
         spend = 0.0
         for index, job in enumerate(selected):
             cost = pricing.estimate(job, prices)
+            if cost is None:
+                # A budget cannot bound what has no price: never start such a job under it.
+                keys = sorted({pricing.rate_and_key(j, prices)[1] for j in selected[index:]
+                               if pricing.estimate(j, prices) is None})
+                outcome.held_by_budget = len(selected) - index
+                console.warn(
+                    f"--budget ${config.budget:.2f}: job '{job.job_id}' has no known price "
+                    f"({job.model}); {outcome.held_by_budget} jobs held back\n"
+                    f"  hint: give a price for {', '.join(keys)} with --price KEY=USD or a "
+                    "'prices:' block (USD per second), then rerun"
+                )
+                selected = selected[:index]
+                break
             if spend + cost > config.budget + 1e-9:
                 outcome.held_by_budget = len(selected) - index
                 how = "refusing to start" if index == 0 else "stopping before it"
@@ -290,6 +307,7 @@ async def _submit_all(
         raise merged_error([*submitter.ledger_errors, *failures])
     outcome.elapsed = time.monotonic() - started
     outcome.counts.update(submitter.counts)
+    outcome.unavailable.update(submitter.unavailable)
     if media is not None:
         outcome.counts.update(media.counts())
         outcome.still_running = media.poller.waiting
@@ -339,6 +357,8 @@ def _finish(
         "held_by_budget": outcome.held_by_budget,
         "not_started": outcome.not_started,
         "estimated_cost_usd": round(outcome.estimate, 2),
+        "unpriced_jobs": outcome.unpriced,
+        "unavailable_models": dict(outcome.unavailable),
         "elapsed_s": round(outcome.elapsed, 3),
         "ledgers": [str(lg.path) for lg in ledgers.all],
         "mock": config.mock,
@@ -379,13 +399,20 @@ def _print_summary(
         parts.append(f"{len(outcome.changed)} changed (not resubmitted)")
     if outcome.still_running:
         parts.append(f"{outcome.still_running} still running (see 'apimart-batch status')")
+    unpriced = f" + {outcome.unpriced} jobs of unknown price" if outcome.unpriced else ""
     line = (f"{outcome.total} jobs: " + (", ".join(parts) or "nothing to do")
             + f" in {outcome.elapsed:.1f}s ({rate:.1f}/s); estimated cost of what was sent "
-            f"${outcome.estimate:.2f}")
+            f"${outcome.estimate:.2f}{unpriced}")
     if not console.quiet:
         print(line, flush=True)
     if outcome.fatal:
         console.error(outcome.fatal)
+    for model, words in outcome.unavailable.items():
+        console.error(
+            f"model {model}: the API does not serve it ({words}); its jobs were not sent "
+            "and are 'error' (nothing was created)\n  hint: move them to another model "
+            "('apimart-batch models' lists the catalog), or rerun later if the model returns"
+        )
     if outcome.signal is not None:
         console.error(f"interrupted: {outcome.not_started} jobs not submitted; rerun to continue")
     unknown = summary["unknown"]

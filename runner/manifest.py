@@ -7,12 +7,20 @@ reports them all, each at the line the user must edit:
 1. read the bytes (size limit, UTF-8) and parse them with a strict YAML loader;
 2. validate the document against the schema (what is written, where it is written);
 3. expand each entry (defaults < entry < matrix combination) and validate every expanded
-   job against ``$defs/job`` (what is missing, and rules that span defaults and entry);
-4. check local images, give each job its ``job_id`` and refuse duplicate ids.
+   job against its model's schema from the catalog (``runner.catalog``), through
+   ``$defs/job``: what is missing, and rules that span defaults and entry;
+4. check local images in every field the model's schema marks for upload, give each job
+   its ``job_id`` and refuse duplicate ids.
+
+Each distinct job is validated once: jobs that differ only in their prompt's text share
+one verdict (a model's schema judges a prompt by type, blankness and length only; a test
+of the catalog keeps it so).
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
 import hashlib
 import itertools
 import json
@@ -21,25 +29,35 @@ import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from runner import pricing
+from runner.catalog import (
+    UPLOAD_MAX_BYTES,
+    ModelSpec,
+    Validators,
+    manifest_validators,
+    upload_pointers,
+)
 from runner.errors import Diagnostic, ManifestError
-from runner.models import Job
-from runner.schemas import Problem, explain, manifest_validators
+from runner.models import Job, Pointer, Upload, canonical_json
+from runner.schemas import Problem, explain
 from runner.yamlfile import Pos, YamlMap, YamlSeq, parse_yaml
 
 #: Largest manifest file read, in bytes (bounds memory and parse time).
 MAX_MANIFEST_BYTES = 5 * 1024 * 1024
 #: Most jobs one manifest may expand to (after matrix and repeat).
 MAX_JOBS = 100_000
-#: Largest local image, in bytes (Sora's own limit for ``image_urls``).
-MAX_IMAGE_BYTES = 10 * 1000 * 1000
 #: Most diagnostics printed per file; the rest are counted.
 MAX_DIAGNOSTICS = 100
 
-_JOB_FIELDS = ("model", "prompt", "duration", "resolution", "aspect_ratio", "image_urls", "image")
+#: Keys of an entry that shape the batch; every other key is a request field.
+_ENTRY_KEYS = ("id", "matrix", "repeat")
 _IMAGE_FIELDS = ("image", "image_urls")
+#: What a local file stands as while the job's request is validated (an upload's URL).
+_UPLOADED = "https://upload.apimart.invalid/local-file.png"
 _IMAGE_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"))
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -56,10 +74,12 @@ class Manifest:
     prices: Mapping[str, float] = field(default_factory=dict)
 
 
-def load_manifests(paths: Sequence[str]) -> list[Manifest]:
+def load_manifests(paths: Sequence[str], *, allow_unknown_models: bool = False) -> list[Manifest]:
     """Load and validate every manifest; raise one :class:`ManifestError` listing all problems.
 
     A ``job_id`` used in two manifests given together is an error too: they share a ledger.
+    ``allow_unknown_models`` (``--allow-unknown-model``) accepts models outside the
+    catalog in every manifest, as ``unknown_models: allow`` does in one.
     """
     manifests: list[Manifest] = []
     diagnostics: list[Diagnostic] = []
@@ -70,7 +90,7 @@ def load_manifests(paths: Sequence[str]) -> list[Manifest]:
         if key in seen_files:
             continue
         seen_files.add(key)
-        loaded = _FileLoader(path)
+        loaded = _FileLoader(path, allow_unknown_models=allow_unknown_models)
         manifest = loaded.load()
         diagnostics += loaded.diagnostics
         for job, pos in loaded.job_positions:
@@ -92,15 +112,18 @@ def load_manifests(paths: Sequence[str]) -> list[Manifest]:
 class _FileLoader:
     """Loads one manifest; collects its diagnostics and the positions of its jobs."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, allow_unknown_models: bool = False) -> None:
         self.path = path
+        self.allow_unknown = allow_unknown_models
+        self.validators: Validators = manifest_validators()
+        self._verdicts: dict[str, list[Problem]] = {}
         self.folder = Path(path).parent
         self.name = Path(path).stem
         self.doc: Any = None
         self.diagnostics: list[Diagnostic] = []
         self.job_positions: list[tuple[Job, Pos]] = []
         self._early: set[tuple[int, int, str]] = set()
-        self._images: dict[Path, tuple[str | None, str, str | None]] = {}
+        self._images: dict[tuple[Path, int | None], tuple[str | None, str, str | None]] = {}
 
     def load(self) -> Manifest | None:
         """The manifest, or None when it has problems (then ``diagnostics`` says which)."""
@@ -111,9 +134,11 @@ class _FileLoader:
                 self._report(pos, "", message, hint)
         if isinstance(self.doc, dict) and isinstance(self.doc.get("name"), str):
             self.name = self.doc["name"]
+        if isinstance(self.doc, dict) and self.doc.get("unknown_models") == "allow":
+            self.allow_unknown = True
         if self.doc is not None:
-            document, _ = manifest_validators()
-            self._report_all((), explain(document, self.doc))
+            self._report_all((), explain(self.validators.document, self.doc))
+            self._check_prices()
             self._expand()
         self._trim()
         if self.diagnostics or not isinstance(self.doc, dict):
@@ -121,6 +146,15 @@ class _FileLoader:
         prices = {key: float(value) for key, value in self.doc.get("prices", {}).items()}
         jobs = tuple(job for job, _ in self.job_positions)
         return Manifest(path=self.path, name=self.name, jobs=jobs, prices=prices)
+
+    def _check_prices(self) -> None:
+        """Each ``prices:`` key names a model of the catalog (and a resolution it renders)."""
+        prices = self.doc.get("prices") if isinstance(self.doc, dict) else None
+        for key in prices if isinstance(prices, dict) else ():
+            problem = pricing.key_problem(key, self.validators.catalog)
+            unknown_model = key.partition("/")[0] not in self.validators.catalog
+            if problem is not None and not (self.allow_unknown and unknown_model):
+                self._report_at(("prices", key), f"unknown key '{key}'", problem, at_key=True)
 
     def _read(self) -> str | None:
         try:
@@ -191,47 +225,146 @@ class _FileLoader:
         sources: dict[str, DocPath] = {}
         values: dict[str, Any] = {}
         own_image = any(k in entry or k in combo for k in _IMAGE_FIELDS)
-        for key in _JOB_FIELDS:
+        for key in dict.fromkeys([*defaults, *entry, *combo]):
+            if key in _ENTRY_KEYS:
+                continue
             if key in combo:
                 values[key] = _matrix_value(key, entry["matrix"][key][combo[key]])
                 sources[key] = (*here, "matrix", key, combo[key])
             elif key in entry:
                 values[key], sources[key] = entry[key], (*here, key)
-            elif key in defaults and not (key in _IMAGE_FIELDS and own_image):
+            elif not (key in _IMAGE_FIELDS and own_image):
                 values[key], sources[key] = defaults[key], ("defaults", key)
             if key in combo and key in entry:
                 hint = f"keep one: matrix.{key} lists the values to combine"
                 self._report_at((*here, key), f"'{key}' is set both here and in matrix", hint)
-        _, job_validator = manifest_validators()
-        problems = explain(job_validator, values)
-        for problem in problems:
-            source = sources.get(str(problem.path[0])) if problem.path else None
-            path = (*source, *problem.path[1:]) if source else here
-            self._report_at(path, problem.message, problem.hint, at_key=problem.at_key, late=True)
-        image_file, digest = None, None
-        image = values.get("image")
-        if isinstance(image, str) and image.strip() and not _URL.match(image):
-            # Checked even when other fields are wrong, so one run reports both.
-            image_file, digest = self._local_image(image, sources["image"])
-            if digest is None:
+        if "image" in values:
+            if "image_urls" in values:
+                hint = "a job has one image list: give either image (a file or URL) or image_urls"
+                where = sources["image_urls"]
+                self._report_at(where, "'image_urls' cannot be combined with 'image'", hint)
                 return None
-        if problems:
+            values["image_urls"] = [values.pop("image")]
+            sources["image_urls"] = sources.pop("image")
+        for key in [k for k, v in values.items() if v == []]:
+            del values[key]  # "[] means none": the field is not sent
+        model = values.get("model")
+        spec = self.validators.catalog.get(model) if isinstance(model, str) else None
+        if isinstance(model, str) and spec is None and not self.allow_unknown:
+            self._report_at(sources["model"], *self._unknown_model(model), late=True)
             return None
-        image_url = None if image_file else image or next(iter(values.get("image_urls", [])), None)
+        shorthand = any("image" in where for where in (entry, combo, defaults))
+        uploads, checked = self._uploads(spec, values, sources, from_image=shorthand)
+        problems = self._verdict(spec, checked)
+        for problem in problems:
+            path = _source_path(problem.path, sources, here)
+            self._report_at(path, problem.message, problem.hint, at_key=problem.at_key, late=True)
+        if problems or uploads is None:
+            return None
+        request = {key: _integral(value) for key, value in values.items()}
+        if isinstance(request.get("prompt"), str):
+            request["prompt"] = request["prompt"].strip()
         return Job(
             job_id="",
-            model=values["model"],
-            prompt=values["prompt"].strip(),
-            duration=int(values["duration"]) if "duration" in values else None,
-            resolution=values.get("resolution"),
-            aspect_ratio=values.get("aspect_ratio"),
-            image_url=image_url,
-            image_file=image_file,
-            image_sha256=digest,
+            request=request,
+            uploads=uploads,
+            defaults=spec.defaults if spec else {},
+            fields=spec.fields if spec else {},
             manifest=self.path,
             manifest_name=self.name,
             line=_locate(self.doc, here)[1][0],
+            catalogued=spec is not None,
         )
+
+    def _unknown_model(self, model: str) -> tuple[str, str]:
+        catalog = self.validators.catalog
+        close = catalog.nearest(model)
+        message = f"model '{model}' is not in the catalog"
+        listing = "'apimart-batch models' lists the catalog"
+        if close:
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}? ({listing})"
+        else:
+            hint = f"{listing}; for a model newer than it, add 'unknown_models: allow'"
+        return message, hint
+
+    def _uploads(
+        self,
+        spec: ModelSpec | None,
+        values: dict[str, Any],
+        sources: dict[str, DocPath],
+        *,
+        from_image: bool,
+    ) -> tuple[tuple[Upload, ...] | None, dict[str, Any]]:
+        """The job's local images (None if one is unusable) and its values as validated.
+
+        A local file stands as an uploaded URL while the request is validated: the schema
+        judges what will be sent. Checked even when other fields are wrong, so one run
+        reports both. A model outside the catalog uploads only the ``image`` shorthand.
+        """
+        if spec is not None:
+            places = list(upload_pointers(spec, values))
+        else:
+            images = values.get("image_urls") if from_image else None
+            places = [(("image_urls", 0), images[0])] if isinstance(images, list) else []
+        uploads: list[Upload] = []
+        checked = values
+        usable = True
+        limit = spec.max_image_bytes if spec else None
+        for pointer, value in places:
+            if not isinstance(value, str) or not value.strip() or _URL.match(value):
+                continue
+            where = _source_path(pointer, sources, ())
+            found = self._local_image(value, where, limit)
+            if found is None:
+                usable = False
+                continue
+            uploads.append(Upload(pointer=pointer, file=found[0], sha256=found[1]))
+            if checked is values:
+                checked = copy.deepcopy(values)
+            _set(checked, pointer, _UPLOADED)
+        return (tuple(uploads) if usable else None), checked
+
+    def _verdict(self, spec: ModelSpec | None, values: dict[str, Any]) -> list[Problem]:
+        """The schema's problems with a job; jobs differing only in prompt text share one."""
+        validators = self.validators
+        validator = validators.job if spec is not None or "model" not in values else None
+        validator = validator or validators.unknown_job
+        probe = values
+        prompt = values.get("prompt")
+        if isinstance(prompt, str) and prompt.strip():
+            probe = {**values, "prompt": "p" * len(prompt)}
+        key = canonical_json(probe) if _jsonable(probe) else None
+        problems = self._verdicts.get(key) if key is not None else None
+        if problems is None:
+            problems = explain(validator, probe, registry=validators.catalog.registry,
+                               key_hint=partial(self._key_hint, spec))
+            if key is not None:
+                self._verdicts[key] = problems
+        if probe is not values and any(p.path[:1] == ("prompt",) for p in problems):
+            problems = explain(validator, values, registry=validators.catalog.registry,
+                               key_hint=partial(self._key_hint, spec))
+        return problems
+
+    def _key_hint(self, spec: ModelSpec | None, key: str, known: list[str]) -> str | None:
+        """What to write instead of a key the job's model does not take."""
+        if spec is None:
+            return None
+        if key in spec.dropped:
+            return spec.dropped[key]
+        for name, aka in spec.aliases.items():
+            if key in aka:
+                return f"{spec.id} calls it '{name}'"
+        if key in _ENTRY_KEYS or key == "image":
+            return None
+        others = [m for m in self.validators.catalog.who_has(key) if m != spec.id]
+        close = difflib.get_close_matches(key, [*known, *_ENTRY_KEYS], n=1, cutoff=0.75)
+        if close:
+            return f"did you mean '{close[0]}'?"
+        if others:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            allowed = ", ".join(known)
+            return f"'{key}' is a field of {shown}, not of {spec.id}; allowed here: {allowed}"
+        return None
 
     def _add(
         self, index: int, job_id: str, job: Job | None, taken: dict[str, tuple[int, Pos]]
@@ -252,18 +385,20 @@ class _FileLoader:
         if job is not None:
             self.job_positions.append((replace(job, job_id=job_id), pos))
 
-    def _local_image(self, image: str, source: DocPath) -> tuple[str | None, str | None]:
-        """Absolute path and SHA-256 of a local image, or a reported problem and Nones."""
+    def _local_image(
+        self, image: str, source: DocPath, limit: int | None
+    ) -> tuple[str, str] | None:
+        """Absolute path and SHA-256 of a local image, or None and a reported problem."""
         try:
             path = (self.folder / image).resolve()
         except (OSError, RuntimeError, ValueError):
             path = self.folder / image
-        if path not in self._images:
-            self._images[path] = _inspect_image(path, self.folder)
-        digest, problem, hint = self._images[path]
+        if (path, limit) not in self._images:
+            self._images[path, limit] = _inspect_image(path, self.folder, limit)
+        digest, problem, hint = self._images[path, limit]
         if digest is None:
             self._report_at(source, problem, hint, late=True)
-            return None, None
+            return None
         return str(path), digest
 
     # -- reporting --
@@ -313,7 +448,7 @@ def _matrix(entry: Any) -> dict[str, list[Any]] | None:
     matrix = entry.get("matrix", {})
     if not isinstance(matrix, dict) or not all(isinstance(v, list) and v for v in matrix.values()):
         return None
-    return {key: values for key, values in matrix.items() if key in _JOB_FIELDS}
+    return {key: values for key, values in matrix.items() if key not in _ENTRY_KEYS}
 
 
 def _base_id(entry: dict[str, Any], combo: dict[str, int], job: Job | None) -> str | None:
@@ -328,6 +463,43 @@ def _base_id(entry: dict[str, Any], combo: dict[str, int], job: Job | None) -> s
         return None
     slug = _slug(job.prompt)
     return f"{slug}-{job.fingerprint[:12]}" if slug else job.fingerprint[:12]
+
+
+def _source_path(path: Pointer, sources: Mapping[str, DocPath], fallback: DocPath) -> DocPath:
+    """Where in the document a problem at ``path`` of the expanded job was written."""
+    if not path:
+        return fallback
+    source = sources.get(str(path[0]))
+    if source is None:
+        return fallback
+    if len(source) and source[-1] == "image":  # the `image` shorthand is image_urls[0]
+        return (*source, *path[2:])
+    return (*source, *path[1:])
+
+
+def _set(body: Any, pointer: Pointer, value: Any) -> None:
+    for step in pointer[:-1]:
+        body = body[step]
+    body[pointer[-1]] = value
+
+
+def _integral(value: Any) -> Any:
+    """``value`` with integral floats as ints (``8.0`` -> ``8``): the API wants integers."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, list):
+        return [_integral(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _integral(item) for key, item in value.items()}
+    return value
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        canonical_json(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _matrix_value(key: str, value: Any) -> Any:
@@ -382,7 +554,9 @@ def _key_text(key: str, *, first: bool) -> str:
     return f"[{json.dumps(key, ensure_ascii=False)}]"
 
 
-def _inspect_image(path: Path, folder: Path) -> tuple[str | None, str, str | None]:
+def _inspect_image(
+    path: Path, folder: Path, limit: int | None
+) -> tuple[str | None, str, str | None]:
     """(SHA-256 of the content, "", None) for a usable image, else (None, problem, hint)."""
     try:
         if not path.is_file():
@@ -391,11 +565,13 @@ def _inspect_image(path: Path, folder: Path) -> tuple[str | None, str, str | Non
             hint = f"a relative path starts at the manifest's folder ({folder.absolute()})"
             return None, f"image file {path} does not exist", hint
         size = path.stat().st_size
-        if size > MAX_IMAGE_BYTES:
-            message = f"image {path} is {size / 1e6:.1f} MB; Sora takes at most 10 MB"
+        limit = limit or UPLOAD_MAX_BYTES
+        if size > limit:
+            most = f"{limit / 1e6:g} MB"
+            message = f"image {path} is {size / 1e6:.1f} MB; the model takes at most {most}"
             return None, message, "shrink or recompress it"
         with path.open("rb") as stream:
-            content = stream.read(MAX_IMAGE_BYTES + 1)
+            content = stream.read(limit + 1)
     except (OSError, ValueError) as exc:
         return None, f"cannot read image {path}: {getattr(exc, 'strerror', None) or exc}", None
     kind = next((name for magic, name in _IMAGE_MAGIC if content.startswith(magic)), None)

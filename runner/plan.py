@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 from typing import Any
 
+from runner.catalog import COMMON_FIELDS
 from runner.manifest import Manifest
 from runner.models import Job
-from runner.pricing import DEFAULT_PRICES, DEFAULT_SOURCES, price_key, rate
+from runner.pricing import built_in_labels, built_in_prices, estimate, rate_and_key
 
 _NO_SKIPS: Mapping[str, str] = {}
 _PROMPT_WIDTH = 48
@@ -22,14 +22,14 @@ NOTE = "an estimate, not a quote: APIMart publishes no price table and bills per
 
 def render_plan(
     manifests: Sequence[Manifest],
-    prices: Mapping[str, float],
+    prices: Mapping[str, float | None],
     skipped: Mapping[str, str] = _NO_SKIPS,
 ) -> str:
     """A human table of every job, totals per model and the estimated cost.
 
     Args:
         manifests: loaded manifests, in the order given.
-        prices: USD per second by ``MODEL/RESOLUTION`` (``pricing.merged_prices``).
+        prices: USD per second by price key (``pricing.merged_prices``).
         skipped: job_id -> why a run would not send it (from the ledger).
     """
     jobs = [job for manifest in manifests for job in manifest.jobs]
@@ -43,49 +43,72 @@ def render_plan(
     lines += ["", "Totals (jobs to send)"]
     rows = [["MODEL", "JOBS", "SECONDS", "EST. USD"]]
     for model, row in totals["by_model"].items():
-        rows.append([model, str(row["jobs"]), str(row["seconds"]), f"{row['estimated_usd']:.2f}"])
-    all_usd = f"{totals['estimated_usd']:.2f}"
-    rows.append(["all", str(totals["jobs"]), str(totals["seconds"]), all_usd])
+        rows.append([model, str(row["jobs"]), str(row["seconds"]), _usd(row)])
+    rows.append(["all", str(totals["jobs"]), str(totals["seconds"]), _usd(totals)])
     lines += _columns(rows, right={1, 2, 3})
     if totals["skipped"]:
         lines.append(f"  {_count(totals['skipped'], 'job')} skipped (see ACTION)")
-    lines += ["", f"Estimated cost: ${totals['estimated_usd']:.2f} ({NOTE})."]
+    lines += ["", f"Estimated cost: ${_usd(totals)} ({NOTE})."]
+    if totals["unpriced"]:
+        lines.append(
+            f"{_count(totals['unpriced'], 'job')} with no known price "
+            f"({', '.join(data['unpriced'])}) are not in that figure: "
+            "give a price with --price KEY=USD or a 'prices:' block."
+        )
     used = ", ".join(
         f"{key} {price['usd_per_second']:g} ({price['source']})"
         for key, price in data["prices"].items()
+        if price["usd_per_second"] is not None
     )
     if used:
         lines.append(f"Prices used, USD per second: {used}.")
     lines.append("Override these prices with --price MODEL/RESOLUTION=USD or a 'prices:' block.")
     lines.append("* = the API's default (the field is left out of the request).")
+    if any(not job.catalogued for job in jobs):
+        lines.append("! = a model outside the catalog: sent as written; model and prompt checked.")
     return "\n".join(lines)
+
+
+def _usd(row: Mapping[str, Any]) -> str:
+    """A money cell: the known part, with '+ ?' when some jobs have no known price."""
+    known = f"{row['estimated_usd']:.2f}"
+    if not row.get("unpriced"):
+        return known
+    return f"{known} + ?" if row["jobs"] > row["unpriced"] else "unknown"
 
 
 def plan_json(
     manifests: Sequence[Manifest],
-    prices: Mapping[str, float],
+    prices: Mapping[str, float | None],
     skipped: Mapping[str, str] = _NO_SKIPS,
 ) -> dict[str, Any]:
-    """The plan as plain data with stable keys (for ``plan --json``)."""
+    """The plan as plain data with stable keys (for ``plan --json``).
+
+    A job whose price is unknown has ``estimated_usd: null`` and counts in ``unpriced``;
+    the totals' ``estimated_usd`` is then the known part only.
+    """
     jobs: list[dict[str, Any]] = []
     by_model: dict[str, dict[str, Any]] = {}
     used: dict[str, dict[str, Any]] = {}
+    unpriced: dict[str, None] = {}
     for job in (job for manifest in manifests for job in manifest.jobs):
-        key = price_key(job.model, job.effective_resolution)
-        usd_per_second = rate(job, prices)
-        cost = job.seconds * usd_per_second
+        usd_per_second, key = rate_and_key(job, prices)
+        cost = estimate(job, prices)
         skip = skipped.get(job.job_id)
-        jobs.append(_job_json(job, cost, skip))
+        jobs.append(_job_json(job, cost, key, skip))
         if skip is not None:
             continue
-        used[key] = {
-            "usd_per_second": usd_per_second,
-            "source": _source(prices, key, usd_per_second),
-        }
-        row = by_model.setdefault(job.model, {"jobs": 0, "seconds": 0, "estimated_usd": 0.0})
+        used[key] = {"usd_per_second": usd_per_second, "source": _source(prices, key)}
+        row = by_model.setdefault(
+            job.model, {"jobs": 0, "seconds": 0, "estimated_usd": 0.0, "unpriced": 0}
+        )
         row["jobs"] += 1
-        row["seconds"] += job.seconds
-        row["estimated_usd"] = round(row["estimated_usd"] + cost, 6)
+        row["seconds"] += job.seconds or 0
+        if cost is None:
+            row["unpriced"] += 1
+            unpriced[key] = None
+        else:
+            row["estimated_usd"] = round(row["estimated_usd"] + cost, 6)
     return {
         "estimate": True,
         "currency": "USD",
@@ -100,24 +123,52 @@ def plan_json(
             "skipped": sum(1 for job in jobs if job["skip"] is not None),
             "seconds": sum(row["seconds"] for row in by_model.values()),
             "estimated_usd": round(sum(row["estimated_usd"] for row in by_model.values()), 6),
+            "unpriced": sum(row["unpriced"] for row in by_model.values()),
             "by_model": dict(sorted(by_model.items())),
         },
         "prices": dict(sorted(used.items())),
+        "unpriced": list(unpriced),
     }
 
 
-def _source(prices: Mapping[str, float], key: str, usd_per_second: float) -> str:
-    """Where a price came from: a PriceTable knows; else it is built-in or was given."""
+def _source(prices: Mapping[str, float | None], key: str) -> str:
+    """Where a price came from: a PriceTable knows; else it is built-in, given or unknown."""
     sources: Mapping[str, str] = getattr(prices, "sources", {})
     if key in sources:
         return sources[key]
-    return DEFAULT_SOURCES[key] if DEFAULT_PRICES.get(key) == usd_per_second else "given"
+    if key in prices and prices[key] != built_in_prices().get(key):
+        return "given"
+    return built_in_labels().get(key, "unknown")
 
 
-def _job_json(job: Job, cost: float, skip: str | None) -> dict[str, Any]:
-    """Every Job field, plus what the plan adds (billed seconds, identity, cost, skip)."""
-    extra = {"seconds": job.seconds, "fingerprint": job.fingerprint}
-    return {**asdict(job), **extra, "estimated_usd": round(cost, 6), "skip": skip}
+def _job_json(job: Job, cost: float | None, key: str, skip: str | None) -> dict[str, Any]:
+    """A job as the plan shows it: its request, resolved defaults, identity, cost, skip."""
+    return {
+        "job_id": job.job_id,
+        "model": job.model,
+        "prompt": job.prompt,
+        "request": dict(job.request),
+        "duration": job.duration,
+        "resolution": job.resolution,
+        "aspect_ratio": job.aspect_ratio,
+        "resolved": {name: job.resolved(name) for name in COMMON_FIELDS},
+        "image_url": job.image_url,
+        "image_file": job.image_file,
+        "image_sha256": job.image_sha256,
+        "uploads": [
+            {"field": ".".join(map(str, u.pointer)), "file": u.file, "sha256": u.sha256}
+            for u in job.uploads
+        ],
+        "manifest": job.manifest,
+        "manifest_name": job.manifest_name,
+        "line": job.line,
+        "catalogued": job.catalogued,
+        "seconds": job.seconds,
+        "fingerprint": job.fingerprint,
+        "price_key": key,
+        "estimated_usd": None if cost is None else round(cost, 6),
+        "skip": skip,
+    }
 
 
 def _table(jobs: Sequence[Job], skipped: Mapping[str, str]) -> list[str]:
@@ -133,19 +184,30 @@ def _table(jobs: Sequence[Job], skipped: Mapping[str, str]) -> list[str]:
         rows.append([
             *action,
             _fit(job.job_id, _ID_WIDTH),
-            job.model,
-            f"{job.seconds}" if job.duration is not None else f"{job.seconds}*",
-            job.resolution or f"{job.effective_resolution}*",
-            job.aspect_ratio or "-",
+            job.model if job.catalogued else f"{job.model}!",
+            _cell(job, "duration"),
+            _cell(job, "resolution"),
+            _cell(job, "aspect_ratio"),
             _fit(_image(job), _IMAGE_WIDTH),
             _fit(" ".join(job.prompt.split()), _PROMPT_WIDTH),
         ])  # fmt: skip
     return _columns(rows, right={head.index("SECS")})
 
 
+def _cell(job: Job, name: str) -> str:
+    """A common field: as written, the API's default with '*', or '-' when it has none."""
+    written = job.written(name)
+    if written is not None:
+        return str(written)
+    resolved = job.resolved(name)
+    return "-" if resolved is None else f"{resolved}*"
+
+
 def _image(job: Job) -> str:
+    count = len(job.uploads)
+    more = f" +{count - 1}" if count > 1 else ""
     if job.image_file:
-        return "file:" + job.image_file.replace("\\", "/").rsplit("/", 1)[-1]
+        return "file:" + job.image_file.replace("\\", "/").rsplit("/", 1)[-1] + more
     if job.image_url:
         return "url:" + job.image_url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
     return "-"

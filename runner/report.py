@@ -12,6 +12,7 @@ from pathlib import Path
 
 from runner import pricing
 from runner.api import DEFAULT_BASE_URL
+from runner.catalog import load_catalog
 from runner.download import expires_ts, needs_download
 from runner.ledger import COLUMNS, ledger_path, read_latest, write_csv
 from runner.models import Job
@@ -33,6 +34,7 @@ class Report:
     reported_usd: float
     expiring: Sequence[str]
     next_steps: Sequence[str]
+    unpriced: int = 0
 
 
 def build_report(ledger: str, *, now: float | None = None) -> Report:
@@ -40,12 +42,14 @@ def build_report(ledger: str, *, now: float | None = None) -> Report:
     now = time.time() if now is None else now
     rows = list(read_latest(ledger).values())
     totals = Counter(row.get("status", "") for row in rows)
-    estimated = sum(_estimate(row) for row in rows if row.get("task_id"))
+    estimates = [_estimate(row) for row in rows if row.get("task_id")]
+    estimated = sum(cost for cost in estimates if cost is not None)
+    unpriced = sum(1 for cost in estimates if cost is None)
     reported = sum(_float(row.get("cost", "")) for row in rows)
     expiring = [row["job_id"] for row in rows if row.get("status") == "completed"
                 and (exp := expires_ts(row)) is not None and now < exp <= now + EXPIRING_WITHIN]
     return Report(ledger, rows, dict(totals), estimated, reported, expiring,
-                  _next_steps(ledger, rows, totals, now))
+                  _next_steps(ledger, rows, totals, now), unpriced)
 
 
 def _next_steps(
@@ -112,14 +116,19 @@ def _same_file(a: str, b: str) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
-def _estimate(row: Mapping[str, str]) -> float:
-    try:
-        job = Job(job_id=row.get("job_id", ""), model=row.get("model", ""), prompt="",
-                  duration=int(row["duration"]) if row.get("duration") else None,
-                  resolution=row.get("resolution") or None)
-        return pricing.estimate(job, pricing.DEFAULT_PRICES)
-    except (KeyError, ValueError):
-        return 0.0
+def _estimate(row: Mapping[str, str]) -> float | None:
+    """The built-in estimate of a recorded job, from its common columns (None: unknown)."""
+    model = row.get("model", "")
+    spec = load_catalog().get(model)
+    fields = spec.fields if spec is not None else {}
+    request: dict[str, object] = {"model": model}
+    if row.get("duration", "").isdecimal() and "duration" in fields:
+        request[fields["duration"]] = int(row["duration"])
+    if row.get("resolution") and "resolution" in fields:
+        request[fields["resolution"]] = row["resolution"]
+    job = Job(job_id=row.get("job_id", ""), request=request,
+              defaults=spec.defaults if spec is not None else {}, fields=fields)
+    return pricing.estimate(job)
 
 
 def _float(text: str) -> float:
@@ -140,8 +149,9 @@ def render_table(report: Report) -> str:
         lines.append("  ".join(cells).rstrip())
     totals = ", ".join(f"{n} {s}" for s, n in sorted(report.totals.items()))
     lines += ["", f"{len(report.rows)} jobs: {totals or 'none'}",
-              f"cost: estimated ${report.estimated_usd:.2f} (an estimate from the price table), "
-              f"reported by APIMart ${report.reported_usd:.2f}"]
+              f"cost: estimated ${report.estimated_usd:.2f} (an estimate from the price table)"
+              + (f" + {report.unpriced} jobs of unknown price" if report.unpriced else "")
+              + f", reported by APIMart ${report.reported_usd:.2f}"]
     if report.expiring:
         lines.append(f"links expiring within 24 h: {', '.join(report.expiring)}")
     lines += [f"next: {step}" for step in report.next_steps]
@@ -153,6 +163,7 @@ def render_json(report: Report) -> str:
     return json.dumps({
         "ledger": report.ledger, "jobs": list(report.rows), "totals": report.totals,
         "estimated_usd": round(report.estimated_usd, 2),
+        "unpriced_jobs": report.unpriced,
         "reported_usd": round(report.reported_usd, 2),
         "expiring_within_24h": list(report.expiring), "next": list(report.next_steps),
     }, indent=2, ensure_ascii=False)

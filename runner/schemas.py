@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -22,21 +22,26 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, ValidationError, best_match
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
+from referencing import Registry
 
 from runner.errors import RunnerError
 
 MANIFEST_SCHEMA = "manifest.schema.json"
 
 
+def schema_dir() -> Path:
+    """The folder of the shipped schemas: ``runner/_schemas`` in a wheel, else ``schemas/``."""
+    packaged = resources.files("runner").joinpath("_schemas")
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "schemas"
+
+
 @lru_cache(maxsize=8)
 def schema_text(name: str = MANIFEST_SCHEMA) -> str:
     """The text of a shipped schema (what ``apimart-batch schema`` prints)."""
-    packaged = resources.files("runner").joinpath("_schemas", name)
-    if packaged.is_file():
-        return packaged.read_text(encoding="utf-8")
-    checkout = Path(__file__).resolve().parent.parent / "schemas" / name
     try:
-        return checkout.read_text(encoding="utf-8")
+        return (schema_dir() / name).read_text(encoding="utf-8")
     except OSError as exc:
         msg = (
             f"schema {name!r} is missing from this installation ({exc.strerror})\n"
@@ -51,22 +56,26 @@ def load_schema(name: str = MANIFEST_SCHEMA) -> dict[str, Any]:
     return schema
 
 
-@lru_cache(maxsize=1)
-def manifest_validators() -> tuple[Validator, Validator]:
-    """Validators for a whole manifest document and for one expanded job (``$defs/job``).
+def checked_validator(schema: dict[str, Any], name: str) -> type[Validator]:
+    """The validator class for ``schema`` (by its ``$schema``), after checking the schema.
 
-    The schema itself is checked first: a broken shipped schema is our bug, reported as such.
+    A broken shipped schema is our bug, reported as such.
     """
-    schema = load_schema(MANIFEST_SCHEMA)
-    cls = validator_for(schema, default=Draft202012Validator)
+    cls: type[Validator] = validator_for(schema, default=Draft202012Validator)
     try:
         cls.check_schema(schema)
     except SchemaError as exc:
-        msg = f"{MANIFEST_SCHEMA}: the shipped schema is invalid: {exc.message}"
+        msg = f"{name}: the shipped schema is invalid: {exc.message}"
         raise RunnerError(msg) from exc
-    # Inlined local $refs validate about twice as fast (no lookups) and mean the same.
-    inlined = _inline(schema, schema.get("$defs", {}))
-    return cls(inlined), cls(inlined["$defs"]["job"])
+    return cls
+
+
+def inline(node: Any, defs: Mapping[str, Any]) -> Any:
+    """``node`` with every ``#/$defs/...`` reference replaced by its target (no cycles here).
+
+    Inlined local ``$ref``s validate about twice as fast (no lookups) and mean the same.
+    """
+    return _inline(node, defs)
 
 
 def _inline(node: Any, defs: Mapping[str, Any]) -> Any:
@@ -75,10 +84,11 @@ def _inline(node: Any, defs: Mapping[str, Any]) -> Any:
         return [_inline(item, defs) for item in node]
     if not isinstance(node, Mapping):
         return node
-    inlined = {key: _inline(value, defs) for key, value in node.items() if key != "$ref"}
     ref = node.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/$defs/"):
-        return {**_inline(defs[ref.removeprefix("#/$defs/")], defs), **inlined}
+    local = isinstance(ref, str) and ref.startswith("#/$defs/")
+    inlined = {k: _inline(v, defs) for k, v in node.items() if k != "$ref" or not local}
+    if local:
+        return {**_inline(defs[str(ref).removeprefix("#/$defs/")], defs), **inlined}
     return inlined
 
 
@@ -109,53 +119,70 @@ _TYPE_WORDS = {
     "boolean": "true or false",
     "null": "nothing",
 }
-#: Keys people bring from other APIs, and what to write instead.
+#: Keys people bring from other APIs, and what to write instead (what one model calls
+#: another's field is the catalog's ``x-apimart-aka``).
 _SYNONYMS = {
-    "size": "this format calls it 'aspect_ratio'",
-    "aspect": "this format calls it 'aspect_ratio'",
-    "ratio": "this format calls it 'aspect_ratio'",
     "seconds": "this format calls it 'duration'",
     "length": "this format calls it 'duration'",
-    "quality": "this format calls it 'resolution'",
     "n": "for several takes of one request, write 'repeat: N'",
     "count": "for several takes of one request, write 'repeat: N'",
     "prompts": "for several prompts, write 'matrix: {prompt: [...]}'",
     "images": "for several images, write 'matrix: {image: [...]}'",
 }
-_LEGACY_KEYS = frozenset(
-    {"watermark", "thumbnail", "private", "style", "storyboard", "character_url",
-     "character_timestamps", "remix_video_id"}
-)  # fmt: skip
 _REQUIRED_HINTS = {
     "version": "add 'version: 1' as the first line",
     "jobs": "add a 'jobs:' list, e.g. 'jobs: [{prompt: A cat surfing at dawn}]'",
-    "model": "add 'model: sora-2' (or sora-2-pro) to this job or to defaults",
+    "model": "add 'model: ...' to this job or to defaults ('apimart-batch models' lists them)",
     "prompt": "add 'prompt: ...' to this job, or list prompts under 'matrix: {prompt: [...]}'",
 }
 
 
-def explain(validator: Validator, instance: Any) -> list[Problem]:
+#: Says what to write instead of an unknown key, or None to fall back to "did you mean".
+KeyHint = Callable[[str, list[str]], str | None]
+
+
+def explain(
+    validator: Validator,
+    instance: Any,
+    *,
+    registry: Registry[Any] | None = None,
+    key_hint: KeyHint | None = None,
+) -> list[Problem]:
     """Validate ``instance`` and say what is wrong: one human :class:`Problem` per fix.
 
     Errors on the same value are one problem (jsonschema's ``best_match`` picks it, and
     descends into ``anyOf``/``oneOf``); unknown and missing keys are one problem each.
+
+    Args:
+        registry: resolves the non-local ``$ref``s of the schema (the model catalog), so
+            the text of a rule (its ``description``) can become the hint.
+        key_hint: what to say of an unknown key, given the keys allowed there.
     """
     schema = validator.schema if isinstance(validator.schema, Mapping) else {}
+    context = _Context(schema, registry, key_hint)
     by_value: dict[tuple[str | int, ...], list[ValidationError]] = {}
     problems: list[Problem] = []
     for error in validator.iter_errors(instance):
         if error.validator in _VALUE_KEYWORDS:
             by_value.setdefault(tuple(error.absolute_path), []).append(error)
         else:
-            problems.extend(_explain(error, schema))
+            problems.extend(_explain(error, context))
     for group in by_value.values():
         best = best_match(group)
         if best is not None:
-            problems.extend(_explain(best, schema))
+            problems.extend(_explain(best, context))
     return problems
 
 
-def _explain(error: ValidationError, schema: Mapping[str, Any]) -> list[Problem]:
+@dataclass(frozen=True, slots=True)
+class _Context:
+    schema: Mapping[str, Any]
+    registry: Registry[Any] | None
+    key_hint: KeyHint | None
+
+
+def _explain(error: ValidationError, context: _Context) -> list[Problem]:
+    schema = context.schema
     path = tuple(error.absolute_path)
     keyword: Any = error.validator
     expected: Any = error.validator_value
@@ -165,7 +192,8 @@ def _explain(error: ValidationError, schema: Mapping[str, Any]) -> list[Problem]
         known = list(sub.get("properties", {}))
         patterns = [re.compile(p) for p in sub.get("patternProperties", {})]
         extras = [k for k in value if k not in known and not any(p.search(k) for p in patterns)]
-        return [_unknown_key(path, key, known, _keys_anywhere(schema)) for key in extras]
+        anywhere = _keys_anywhere(schema)
+        return [_unknown_key(path, key, known, anywhere, context.key_hint) for key in extras]
     if keyword == "required":
         return [
             Problem(path, f"missing required key '{key}'", _REQUIRED_HINTS.get(key))
@@ -174,7 +202,12 @@ def _explain(error: ValidationError, schema: Mapping[str, Any]) -> list[Problem]
         ]
     if keyword == "type":
         return [_wrong_type(path, expected, value)]
-    condition, rule = _condition(error, schema)
+    if "propertyNames" in error.absolute_schema_path:
+        schema_path = list(error.absolute_schema_path)
+        names = _node_at(context, schema_path[: schema_path.index("propertyNames") + 1])
+        why = names.get("description") if isinstance(names, Mapping) else None
+        return [Problem((*path, str(value)), f"'{value}' is not allowed here", why, at_key=True)]
+    condition, rule = _condition(error, context)
     if keyword in ("enum", "const"):
         allowed = expected if keyword == "enum" else [expected]
         shown = ", ".join(_show(a, quote=False) for a in allowed)
@@ -188,6 +221,8 @@ def _explain(error: ValidationError, schema: Mapping[str, Any]) -> list[Problem]
         return [Problem(path, f"{_show(value)} is not a valid {title}", rule)]
     if keyword in ("minItems", "maxItems", "minProperties", "minimum", "maximum"):
         return [_out_of_range(path, keyword, expected, value)]
+    if keyword == "not" and "dependentSchemas" not in error.absolute_schema_path:
+        return [Problem(path, _rule_text(error, context) or error.message)]
     if keyword == "not" and "dependentSchemas" in error.absolute_schema_path:
         schema_path = list(error.absolute_schema_path)
         trigger = schema_path[schema_path.index("dependentSchemas") + 1]
@@ -195,22 +230,38 @@ def _explain(error: ValidationError, schema: Mapping[str, Any]) -> list[Problem]
         message = f"'{clash}' cannot be combined with '{trigger}'"
         return [Problem((*path, clash), message, sub.get("description"), at_key=True)]
     if keyword in ("anyOf", "oneOf"):
-        forms = ", ".join(_title(schema, alt) for alt in expected)
-        return [Problem(path, f"{_show(value)} matches none of the allowed forms ({forms})")]
-    return [Problem(path, error.message)]
+        if all(isinstance(alt, Mapping) and "title" in alt for alt in expected):
+            forms = ", ".join(_title(schema, alt) for alt in expected)
+            return [Problem(path, f"{_show(value)} matches none of the allowed forms ({forms})")]
+        return [Problem(path, _rule_text(error, context) or error.message)]
+    if keyword in ("maxLength",):
+        return [Problem(path, f"is {len(value)} characters long; at most {expected}{condition}")]
+    return [Problem(path, error.message, rule)]
+
+
+def _rule_text(error: ValidationError, context: _Context) -> str | None:
+    """The ``description`` of the rule that failed, phrased as the fix, when it has one."""
+    node = _node_at(context, list(error.absolute_schema_path)[:-1])
+    text = node.get("description") if isinstance(node, Mapping) else None
+    return str(text) if text else None
 
 
 def _unknown_key(
-    path: tuple[str | int, ...], key: str, known: list[str], anywhere: set[str]
+    path: tuple[str | int, ...],
+    key: str,
+    known: list[str],
+    anywhere: set[str],
+    key_hint: KeyHint | None = None,
 ) -> Problem:
     here = (*path, key)
     allowed = f"allowed here: {', '.join(known)}"
+    special = key_hint(key, known) if key_hint else None
+    if special:
+        return Problem(here, f"unknown key '{key}'", special, at_key=True)
     if key in anywhere:
         return Problem(here, f"'{key}' is not allowed here", allowed, at_key=True)
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    if key in _LEGACY_KEYS:
-        hint = "it belonged to an earlier Sora revision; the current API does not take it"
-    elif key.lower() in _SYNONYMS:
+    if key.lower() in _SYNONYMS:
         hint = _SYNONYMS[key.lower()]
     else:
         hint = f"did you mean '{close[0]}'?" if close else allowed
@@ -267,26 +318,34 @@ def _out_of_range(path: tuple[str | int, ...], keyword: str, limit: Any, value: 
     return Problem(path, f"{_show(value)} is out of range (must be {bound} {limit})")
 
 
-def _condition(error: ValidationError, schema: Mapping[str, Any]) -> tuple[str, str | None]:
-    """For an error inside an ``if``/``then``: the condition in words and the rule's text."""
+def _condition(error: ValidationError, context: _Context) -> tuple[str, str | None]:
+    """For an error inside ``if``/``then``s: the conditions in words and the rule's text."""
     schema_path = list(error.absolute_schema_path)
-    if "then" not in schema_path:
-        return "", None
-    rule = _node_at(schema, schema_path[: schema_path.index("then")])
-    if not isinstance(rule, Mapping):
-        return "", None
-    consts = rule.get("if", {}).get("properties", {})
-    words = [f"{key} {sub['const']}" for key, sub in consts.items() if "const" in sub]
+    words: list[str] = []
+    rule: Mapping[str, Any] | None = None
+    for index, step in enumerate(schema_path):
+        if step != "then":
+            continue
+        node = _node_at(context, schema_path[:index])
+        if not isinstance(node, Mapping):
+            continue
+        rule = node
+        consts = node.get("if", {}).get("properties", {})
+        for key, sub in consts.items():
+            word = f"{key} {sub['const']}" if isinstance(sub, Mapping) and "const" in sub else None
+            if word and word not in words:
+                words.append(word)
     condition = f" for {' and '.join(words)}" if words else ""
-    return condition, rule.get("description")
+    return condition, rule.get("description") if rule is not None else None
 
 
-def _node_at(schema: Mapping[str, Any], schema_path: list[Any]) -> Any:
-    """The subschema at ``schema_path``, following local ``$ref``s (jsonschema omits them)."""
-    node: Any = schema
+def _node_at(context: _Context, schema_path: list[Any]) -> Any:
+    """The subschema at ``schema_path``, following ``$ref``s (jsonschema omits them)."""
+    root: Any = context.schema
+    node: Any = root
     for step in schema_path:
         while isinstance(node, Mapping) and step not in node and "$ref" in node:
-            node = _deref(schema, node["$ref"])
+            root, node = _deref(context, root, node["$ref"])
         try:
             node = node[step]
         except (KeyError, IndexError, TypeError):
@@ -294,16 +353,27 @@ def _node_at(schema: Mapping[str, Any], schema_path: list[Any]) -> Any:
     return node
 
 
-def _deref(schema: Mapping[str, Any], ref: str) -> Any:
-    node: Any = schema
-    for part in ref.removeprefix("#/").split("/"):
-        node = node.get(part) if isinstance(node, Mapping) else None
-    return node
+def _deref(context: _Context, root: Any, ref: str) -> tuple[Any, Any]:
+    """The (document, subschema) a ``$ref`` names: local, or through the registry."""
+    if not ref.startswith("#"):
+        if context.registry is None:
+            return root, None
+        uri, _, fragment = ref.partition("#")
+        try:
+            root = context.registry.resolver().lookup(uri).contents
+        except Exception:  # noqa: BLE001 - an unresolvable $ref is reported by validation
+            return root, None
+        ref = "#" + fragment
+    node: Any = root
+    for part in ref.removeprefix("#").removeprefix("/").split("/"):
+        if part:
+            node = node.get(part) if isinstance(node, Mapping) else None
+    return root, node
 
 
 def _title(schema: Mapping[str, Any], alternative: Any) -> str:
     if isinstance(alternative, Mapping) and "$ref" in alternative:
-        alternative = _deref(schema, alternative["$ref"])
+        alternative = _deref(_Context(schema, None, None), schema, alternative["$ref"])[1]
     if isinstance(alternative, Mapping):
         return str(alternative.get("title", alternative.get("type", "?")))
     return "?"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -26,11 +27,12 @@ from runner.errors import (
     ApiError,
     FatalApiError,
     LedgerError,
+    ModelUnavailableError,
     RejectedError,
     RetryableError,
 )
 from runner.ledger import Recorder
-from runner.models import Job, iso_utc, parse_iso
+from runner.models import Job, Pointer, canonical_json, iso_utc, parse_iso
 from runner.resume import AMBIGUOUS
 from runner.retry import RetryPolicy
 from runner.schedule import Clock, Limiter, Sleep, Stopped, retrying, sleep_unless
@@ -42,19 +44,26 @@ UPLOAD_REUSE_MARGIN = 12 * 3600.0
 
 
 def job_fields(job: Job) -> dict[str, object]:
-    """The ledger cells that describe a job's request."""
+    """The ledger cells that describe a job's request.
+
+    ``duration``, ``resolution`` and ``aspect_ratio`` hold what the API renders (the API's
+    default where the manifest left a field out): what the price was estimated on.
+    ``image_file``/``image_sha256`` list the local images one per line, and ``image_url``
+    their uploaded URLs once known (else the first image the manifest gave by URL).
+    """
     return {
         "idempotency_key": job.idempotency_key,
         "fingerprint": job.fingerprint,
         "model": job.model,
-        "duration": job.duration,
-        "resolution": job.resolution,
-        "aspect_ratio": job.aspect_ratio,
-        "image_url": job.image_url,
-        "image_file": job.image_file,
-        "image_sha256": job.image_sha256,
+        "duration": job.resolved("duration"),
+        "resolution": job.resolved("resolution"),
+        "aspect_ratio": job.resolved("aspect_ratio"),
+        "image_url": None if job.uploads else job.image_url,
+        "image_file": "\n".join(u.file for u in job.uploads) or None,
+        "image_sha256": "\n".join(u.sha256 for u in job.uploads) or None,
         "prompt": job.prompt,
         "manifest": job.manifest,
+        "request": canonical_json(job.body()) if not job.uploads else None,
     }
 
 
@@ -74,6 +83,8 @@ class Submitter:
     counts: Counter[str] = field(default_factory=Counter)
     fatal: FatalApiError | None = None
     ledger_errors: list[LedgerError] = field(default_factory=list)
+    #: Models the API said it does not serve, with its words: their jobs are not sent.
+    unavailable: dict[str, str] = field(default_factory=dict)
     _uploads: dict[str, asyncio.Future[Uploaded]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -94,19 +105,23 @@ class Submitter:
             return True
 
     async def _submit(self, job: Job) -> bool:
-        image_url = None
-        if job.image_file:
-            try:
-                image_url = await self._upload(job)
-            except Stopped:
-                return False
-            except ApiError as exc:
-                # Nothing was submitted: 'error' (the next run uploads and submits again).
-                self._record(job, "error", 0, error=f"image upload: {exc.message}",
-                             cells=job_fields(job))
-                if isinstance(exc, FatalApiError):
-                    self._stop(exc)
-                return True
+        refusal = self.unavailable.get(job.model)
+        if refusal is not None:
+            # Nothing is created for a model the API does not serve: 'error' lets a later
+            # run try again, and this run spends no request on it.
+            self._record(job, "error", 0, error=f"not sent: {refusal}", cells=job_fields(job))
+            return True
+        try:
+            body, cells = await self._prepare(job)
+        except Stopped:
+            return False
+        except ApiError as exc:
+            # Nothing was submitted: 'error' (the next run uploads and submits again).
+            self._record(job, "error", 0, error=f"image upload: {exc.message}",
+                         cells=job_fields(job))
+            if isinstance(exc, FatalApiError):
+                self._stop(exc)
+            return True
         started = self.clock()
         attempt = 0
         # The last failure, recorded if the run stops before the next try.
@@ -124,10 +139,9 @@ class Submitter:
                     if pending is None:
                         self.ledger.append(
                             job.job_id, status="submitting", task_id=None, attempts=0,
-                            http_status=None, error=None,
-                            **(job_fields(job) | self._image_cells(job, image_url)),
+                            http_status=None, error=None, **(job_fields(job) | cells),
                         )
-                    done = await self.client.submit(job, image_url)
+                    done = await self.client.submit(job, body)
             except Stopped:
                 if pending is None:
                     return False
@@ -148,6 +162,10 @@ class Submitter:
                     await self._pause(self.policy.wait(attempt, exc.retry_after))
                     continue
                 self._fail(job, "unknown", attempt, exc, maybe_created)
+            except ModelUnavailableError as exc:
+                # Refused before processing: nothing was created, so 'error', not 'rejected'.
+                self.unavailable.setdefault(job.model, exc.message)
+                self._fail(job, "error", attempt, exc, maybe_created)
             except RejectedError as exc:
                 self._fail(job, "rejected", attempt, exc, maybe_created)
             except FatalApiError as exc:
@@ -204,58 +222,83 @@ class Submitter:
             self.fatal = exc
         self.stop.set()
 
-    def _image_cells(self, job: Job, image_url: str | None) -> dict[str, Any]:
-        if not job.image_file or not image_url:
+    async def _prepare(self, job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The body to send (local images uploaded) and the ledger cells it adds."""
+        row = self.ledger.latest.get(job.job_id, {})
+        recorded = row.get("request", "")
+        same = row.get("fingerprint") == job.fingerprint
+        if row.get("status") in AMBIGUOUS and recorded and same:
+            # Resending an ambiguous job: the body must match the first one byte for byte,
+            # or a server that honours Idempotency-Key answers 422 instead of replaying.
+            with contextlib.suppress(ValueError):
+                body = json.loads(recorded)
+                if isinstance(body, dict):
+                    return body, {"request": recorded}
+        urls: dict[Pointer, str] = {}
+        when: list[float] = []
+        reused = self._recorded_uploads(job, row) if row.get("status") in AMBIGUOUS else {}
+        for upload in job.uploads:
+            if upload.pointer in reused:
+                urls[upload.pointer] = reused[upload.pointer]
+                continue
+            done = await self._upload(upload.file, upload.sha256)
+            urls[upload.pointer] = done.url
+            when.append(done.created_at)
+        body = job.body(urls)
+        cells: dict[str, Any] = {"request": canonical_json(body)}
+        if job.uploads:
+            cells["image_url"] = "\n".join(urls[u.pointer] for u in job.uploads)
+        if when:
+            cells["uploaded_at"] = iso_utc(min(when))
+        return body, cells
+
+    @staticmethod
+    def _recorded_uploads(job: Job, row: Mapping[str, str]) -> dict[Pointer, str]:
+        """The URLs an earlier try of this job sent its local images as (0.1 ledgers)."""
+        shas = row.get("image_sha256", "").split("\n")
+        urls = row.get("image_url", "").split("\n")
+        if [u.sha256 for u in job.uploads] != shas or len(urls) != len(shas) or not all(urls):
             return {}
-        cells: dict[str, Any] = {"image_url": image_url}
-        upload = self._uploads.get(job.image_sha256 or "")
-        done = upload is not None and upload.done() and upload.exception() is None
-        if done and upload is not None and upload.result().url == image_url:
-            cells["uploaded_at"] = iso_utc(upload.result().created_at)
-        return cells
+        return {u.pointer: url for u, url in zip(job.uploads, urls, strict=True)}
 
     def _reuse_uploads(self) -> None:
         """Seed the upload cache with earlier runs' uploads that still have life left."""
         now = self.wall_clock()
         for row in self.ledger.latest.values():
-            sha, url, when = row.get("image_sha256"), row.get("image_url"), row.get("uploaded_at")
-            if not (sha and url and when) or sha in self._uploads:
+            shas, urls = row.get("image_sha256", ""), row.get("image_url", "")
+            created = parse_iso(row.get("uploaded_at", ""))
+            if not (shas and urls) or created is None:
                 continue
-            created = parse_iso(when)
-            if created is not None and now < created + UPLOAD_LIFETIME - UPLOAD_REUSE_MARGIN:
-                future: asyncio.Future[Uploaded] = asyncio.get_running_loop().create_future()
-                future.set_result(Uploaded(url=url, created_at=created))
-                self._uploads[sha] = future
+            if not now < created + UPLOAD_LIFETIME - UPLOAD_REUSE_MARGIN:
+                continue
+            pairs = zip(shas.split("\n"), urls.split("\n"), strict=False)
+            for sha, url in pairs:
+                if sha and url and sha not in self._uploads:
+                    future: asyncio.Future[Uploaded] = asyncio.get_running_loop().create_future()
+                    future.set_result(Uploaded(url=url, created_at=created))
+                    self._uploads[sha] = future
 
-    async def _upload(self, job: Job) -> str:
-        """Upload the job's image once per content per run; concurrent jobs share one upload."""
-        sha = job.image_sha256 or ""
-        row = self.ledger.latest.get(job.job_id, {})
-        # Resending an ambiguous job: the body must match the first one byte for byte,
-        # or a server that honours Idempotency-Key answers 422 instead of replaying.
-        ambiguous = row.get("status") in AMBIGUOUS
-        if ambiguous and row.get("image_sha256") == sha and row.get("image_url"):
-            return row["image_url"]
+    async def _upload(self, path: str, sha: str) -> Uploaded:
+        """Upload one image once per content per run; concurrent jobs share one upload."""
         pending = self._uploads.get(sha)
         if pending is None:
             pending = asyncio.get_running_loop().create_future()
             self._uploads[sha] = pending
             try:
-                pending.set_result(await self._upload_now(job))
+                pending.set_result(await self._upload_now(path, sha))
             except (ApiError, Stopped) as exc:
                 pending.set_exception(exc)
                 # The waiting jobs see it through the future; mark it retrieved for asyncio.
                 pending.exception()
-        return (await pending).url
+        return await pending
 
-    async def _upload_now(self, job: Job) -> Uploaded:
-        path = job.image_file or ""
+    async def _upload_now(self, path: str, sha: str) -> Uploaded:
         try:
             data = await asyncio.to_thread(Path(path).read_bytes)
         except OSError as exc:
             msg = f"{path}: cannot read the image: {exc.strerror}"
             raise RejectedError(msg) from exc
-        if hashlib.sha256(data).hexdigest() != job.image_sha256:
+        if hashlib.sha256(data).hexdigest() != sha:
             msg = f"{path}: the image changed since the manifest was validated; rerun"
             raise RejectedError(msg)
         # Only "not sent" failures are retried: uploads carry no idempotency key.

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
+from jobfactory import make_job
 
 from runner import app, report
 from runner.api import Client, Secret, TaskState
@@ -38,7 +39,6 @@ from runner.errors import LedgerError, LedgerLockedError, ManifestError, Rejecte
 from runner.ledger import iter_rows, open_ledger, read_latest
 from runner.lifecycle import LedgerConfig, run_download, run_status
 from runner.manifest import load_manifests
-from runner.models import Job
 from runner.poll import Poller, PollTiming, iso_utc, state_cells
 from runner.retry import RetryPolicy
 from runner.runtime import interrupts
@@ -133,7 +133,7 @@ def stat(srv: Any, name: str, route: str | None = None) -> Any:
 
 async def completed_task(srv: Any, job_id: str) -> TaskState:
     """Create a task straight through the client and return its (completed) state."""
-    job = Job(job_id=job_id, model="sora-2", prompt=f"a still pond, {job_id}", duration=4,
+    job = make_job(job_id, model="sora-2", prompt=f"a still pond, {job_id}", duration=4,
               manifest_name="crafted")
     async with Client(srv.base_url, KEY) as client:
         task_id = (await client.submit(job)).task_id

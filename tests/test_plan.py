@@ -6,17 +6,18 @@ import json
 import unicodedata
 
 import pytest
+from jobfactory import make_job
 
 from runner.manifest import Manifest
 from runner.models import Job
 from runner.plan import plan_json, render_plan
-from runner.pricing import DEFAULT_PRICES, merged_prices
+from runner.pricing import built_in_prices, merged_prices
 
 
 def job(job_id: str, **fields: object) -> Job:
     values: dict[str, object] = {"model": "sora-2", "prompt": "A cat surfing at dawn"}
     values.update(fields)
-    return Job(job_id=job_id, manifest="jobs/x.yaml", manifest_name="x", line=3, **values)  # type: ignore[arg-type]
+    return make_job(job_id, manifest="jobs/x.yaml", manifest_name="x", line=3, **values)
 
 
 JOBS = (
@@ -35,10 +36,11 @@ def display_width(text: str) -> int:
 
 def test_plan_lists_every_job_with_its_fields() -> None:
     """Each job is a row: id, model, seconds, resolution, aspect, image, prompt excerpt."""
-    text = render_plan(MANIFESTS, DEFAULT_PRICES)
+    text = render_plan(MANIFESTS, built_in_prices())
     rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ")}
-    assert rows["cat"].split()[:5] == ["cat", "sora-2", "8", "720p*", "-"]
-    assert rows["pro"].split()[:6] == ["pro", "sora-2-pro", "12", "1080p", "-", "file:고양이.png"]
+    assert rows["cat"].split()[:5] == ["cat", "sora-2", "8", "720p*", "16:9*"]
+    pro = ["pro", "sora-2-pro", "12", "1080p", "16:9*", "file:고양이.png"]
+    assert rows["pro"].split()[:6] == pro
     assert "url:cat.webp" in rows["url"]
     assert "🎬 emoji and lines" in rows["url"]
     assert "4*" in rows["falls"] and "9:16" in rows["falls"]
@@ -46,7 +48,7 @@ def test_plan_lists_every_job_with_its_fields() -> None:
 
 def test_wide_characters_do_not_break_the_columns() -> None:
     """Hangul in a column before PROMPT still lines up the PROMPT column."""
-    text = render_plan(MANIFESTS, DEFAULT_PRICES).splitlines()
+    text = render_plan(MANIFESTS, built_in_prices()).splitlines()
     lines = [line for line in text if line.startswith(("  ID ", "  cat ", "  pro ", "  url "))]
     starts = set()
     for line in lines:
@@ -57,7 +59,7 @@ def test_wide_characters_do_not_break_the_columns() -> None:
 
 def test_long_prompts_are_cut_with_an_ellipsis() -> None:
     """A prompt excerpt is at most 48 display columns and says it was cut."""
-    text = render_plan(MANIFESTS, DEFAULT_PRICES)
+    text = render_plan(MANIFESTS, built_in_prices())
     (falls,) = [line for line in text.splitlines() if "falls" in line]
     excerpt = falls[falls.index("폭포") :]
     assert excerpt.endswith("…")
@@ -79,7 +81,7 @@ def test_totals_and_estimate_are_labelled() -> None:
 def test_skipped_jobs_show_why_and_cost_nothing() -> None:
     """With a ledger, skipped jobs are marked with their reason and left out of the totals."""
     skipped = {"pro": "done (task_01K8)"}
-    text = render_plan(MANIFESTS, DEFAULT_PRICES, skipped)
+    text = render_plan(MANIFESTS, built_in_prices(), skipped)
     (pro,) = [line for line in text.splitlines() if " pro " in line]
     assert pro.lstrip().startswith("skip: done ")
     assert "run " in next(line for line in text.splitlines() if " cat " in line)
@@ -89,24 +91,28 @@ def test_skipped_jobs_show_why_and_cost_nothing() -> None:
 
 def test_no_action_column_without_a_ledger() -> None:
     """Without skips the table has no ACTION column."""
-    assert "ACTION" not in render_plan(MANIFESTS, DEFAULT_PRICES)
+    assert "ACTION" not in render_plan(MANIFESTS, built_in_prices())
 
 
 def test_plan_json_has_stable_keys_and_matches_the_text() -> None:
     """plan --json: documented keys, JSON-serialisable, same totals as the table."""
-    data = plan_json(MANIFESTS, DEFAULT_PRICES, {"url": "done"})
+    data = plan_json(MANIFESTS, built_in_prices(), {"url": "done"})
     json.dumps(data)
-    assert set(data) == {"estimate", "currency", "note", "manifests", "jobs", "totals", "prices"}
+    assert set(data) == {
+        "estimate", "currency", "note", "manifests", "jobs", "totals", "prices", "unpriced"
+    }
     assert data["estimate"] is True and data["currency"] == "USD"
     assert set(data["jobs"][0]) == {
         "job_id", "manifest", "manifest_name", "line", "model", "prompt", "duration", "seconds",
         "resolution", "aspect_ratio", "image_url", "image_file", "image_sha256", "fingerprint",
-        "estimated_usd", "skip",
+        "estimated_usd", "skip", "request", "resolved", "uploads", "catalogued", "price_key",
     }  # fmt: skip
     assert [j["skip"] for j in data["jobs"]] == [None, None, None, "done"]
     assert data["totals"]["jobs"] == 3
     assert data["totals"]["skipped"] == 1
-    assert data["totals"]["by_model"]["sora-2"] == {"jobs": 2, "seconds": 12, "estimated_usd": 0.96}
+    assert data["totals"]["by_model"]["sora-2"] == {
+        "jobs": 2, "seconds": 12, "estimated_usd": 0.96, "unpriced": 0
+    }
     assert data["totals"]["estimated_usd"] == pytest.approx(0.96 + 12 * 0.56)
     assert data["manifests"] == [{"path": "jobs/x.yaml", "name": "x", "jobs": 4, "prices": {}}]
 
@@ -114,8 +120,8 @@ def test_plan_json_has_stable_keys_and_matches_the_text() -> None:
 def test_plan_of_nothing_is_still_a_plan() -> None:
     """No jobs: zero totals, no crash."""
     empty = [Manifest(path="e.yaml", name="e", jobs=())]
-    assert "Estimated cost: $0.00" in render_plan(empty, DEFAULT_PRICES)
-    assert plan_json(empty, DEFAULT_PRICES)["totals"]["jobs"] == 0
+    assert "Estimated cost: $0.00" in render_plan(empty, built_in_prices())
+    assert plan_json(empty, built_in_prices())["totals"]["jobs"] == 0
 
 
 def test_a_plain_price_dict_is_labelled_honestly() -> None:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import pytest
+from jobfactory import make_job
 
 from runner.errors import UsageError
 from runner.manifest import Manifest
 from runner.models import Job
 from runner.pricing import (
-    DEFAULT_PRICES,
-    DEFAULT_SOURCES,
     MAX_PRICE,
     PriceTable,
+    built_in_labels,
+    built_in_prices,
     estimate,
+    key_problem,
     merged_prices,
     parse_price_override,
     rate,
@@ -21,7 +23,7 @@ from runner.schemas import load_schema
 
 
 def job(model: str = "sora-2", duration: int | None = 8, resolution: str | None = None) -> Job:
-    return Job(job_id="j", model=model, prompt="p", duration=duration, resolution=resolution)
+    return make_job("j", model=model, prompt="p", duration=duration, resolution=resolution)
 
 
 def manifest(path: str, prices: dict[str, float]) -> Manifest:
@@ -30,20 +32,19 @@ def manifest(path: str, prices: dict[str, float]) -> Manifest:
 
 def test_built_in_prices_are_the_documented_assumptions() -> None:
     """sora-2 720p is the public $0.08/s; pro is 3x, 5x and 7x that, marked assumed."""
-    assert DEFAULT_PRICES == {
+    assert {k: v for k, v in built_in_prices().items() if k.startswith("sora")} == {
         "sora-2/720p": 0.08,
         "sora-2-pro/720p": 0.24,
         "sora-2-pro/1024p": 0.40,
         "sora-2-pro/1080p": 0.56,
     }
-    assert DEFAULT_SOURCES["sora-2/720p"] == "public figure"
-    assert DEFAULT_SOURCES["sora-2-pro/1080p"] == "assumed"
+    assert built_in_labels()["sora-2/720p"] == "public figure"
+    assert built_in_labels()["sora-2-pro/1080p"] == "assumed"
 
 
-def test_schema_prices_match_the_table() -> None:
-    """The manifest's prices: keys and maximum are the ones this module knows."""
-    prices = load_schema()["properties"]["prices"]
-    assert set(prices["properties"]) == set(DEFAULT_PRICES)
+def test_built_in_keys_are_usable_and_the_schema_agrees() -> None:
+    """Every built-in key names a catalog model (and a resolution it renders); same maximum."""
+    assert [key for key in built_in_prices() if key_problem(key) is not None] == []
     assert load_schema()["$defs"]["price"]["maximum"] == MAX_PRICE
 
 
@@ -69,9 +70,9 @@ def test_given_prices_win_and_fall_back_to_built_in() -> None:
 
 
 def test_unknown_model_has_no_price() -> None:
-    """A model without a price raises KeyError (callers decide what that means)."""
-    with pytest.raises(KeyError):
-        estimate(job("sora-3"))
+    """A model without a price is estimated as unknown (None), never $0."""
+    assert rate(job("sora-3")) is None
+    assert estimate(job("sora-3")) is None
 
 
 @pytest.mark.parametrize(
@@ -92,8 +93,10 @@ def test_price_override_parses(text: str, expected: dict[str, float]) -> None:
     [
         pytest.param("sora-2-pro/1080p", "expected MODEL/RESOLUTION=USD", id="no-equals"),
         pytest.param("=0.5", "expected MODEL/RESOLUTION=USD", id="no-key"),
+        pytest.param("sora-2-pro/4k=0.5", "sora-2-pro does not render '4k'", id="bad-resolution"),
         pytest.param("sora-2/1080p=0.5", "did you mean 'sora-2-pro/1080p'?", id="unknown-key"),
-        pytest.param("kling=0.5", "known: sora-2/720p", id="far-key"),
+        pytest.param("kling=0.5", "did you mean 'kling-v3'?", id="near-model"),
+        pytest.param("zzz=0.5", "no model 'zzz' in the catalog", id="far-key"),
         pytest.param("sora-2/720p=cheap", "is not a price between 0 and 100", id="text"),
         pytest.param("sora-2/720p=-1", "is not a price between 0 and 100", id="negative"),
         pytest.param("sora-2/720p=nan", "is not a price between 0 and 100", id="nan"),

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from jobfactory import make_job
 
 from runner.models import Job
 from runner.resume import decide
 
-JOB = Job(job_id="cat", model="sora-2", prompt="a cat", duration=8, manifest_name="m")
+JOB = make_job("cat", model="sora-2", prompt="a cat", duration=8, manifest_name="m")
 
 
 def row(status: str, job: Job = JOB, **cells: str) -> dict[str, str]:
@@ -61,7 +62,7 @@ def test_unknown_is_sent_only_when_asked():
 )
 def test_changed_request(status, flag, verdict):
     """An edited job is held once it may have been paid for, and sent when it was refused."""
-    edited = replace(JOB, prompt="a cat, at night")
+    edited = replace(JOB, request={**JOB.request, "prompt": "a cat, at night"})
     decision = decide(edited, row(status), resubmit_changed=flag)
     assert decision.verdict == verdict
     if verdict == "changed":
@@ -70,7 +71,7 @@ def test_changed_request(status, flag, verdict):
 
 def test_an_expired_link_does_not_block_resubmit_changed():
     """A completed task whose link expired can no longer be fetched: it blocks nothing."""
-    edited = replace(JOB, prompt="a cat, at night")
+    edited = replace(JOB, request={**JOB.request, "prompt": "a cat, at night"})
     expired = row("completed", expires_at="2020-01-01T00:00:00Z")
     assert decide(edited, expired, resubmit_changed=True).verdict == "submit"
     alive = row("completed", expires_at="2999-01-01T00:00:00Z")

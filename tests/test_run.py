@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import pytest
 import yaml
+from jobfactory import make_job
 
 from runner import app, emulator_contract
 from runner.api import Client, Secret
@@ -29,7 +30,6 @@ from runner.console import Console
 from runner.errors import LedgerError, LedgerLockedError, ManifestError
 from runner.ledger import Ledger, open_ledger, read_latest
 from runner.manifest import load_manifests
-from runner.models import Job
 from runner.retry import RetryPolicy
 from runner.schedule import Limiter
 from runner.submit import Submitter, job_fields
@@ -256,7 +256,7 @@ async def test_a_stop_during_backoff_after_an_ambiguous_try_leaves_unknown(emula
     async def interrupted_sleep(_: float) -> None:
         stop.set()
 
-    job = Job(job_id="j", model="sora-2", prompt="a lake", manifest_name="m")
+    job = make_job("j", model="sora-2", prompt="a lake", manifest_name="m")
     with open_ledger(tmp_path / "l.csv", mock=False, base_url=srv.base_url) as ledger:
         async with Client(srv.base_url, Secret(KEY)) as client:
             submitter = Submitter(client=client, ledger=ledger, limiter=Limiter(1),
