@@ -175,14 +175,17 @@ class Client:
         return aiohttp.ClientTimeout(total=total, connect=self.timeouts.connect,
                                      sock_connect=self.timeouts.connect)
 
-    async def submit(self, job: Job, image_url: str | None = None) -> Submitted:
-        """Create the job's task; raises an ``ApiError`` subclass for every failure."""
+    async def submit(self, job: Job, body: Mapping[str, Any] | None = None) -> Submitted:
+        """Create the job's task; raises an ``ApiError`` subclass for every failure.
+
+        ``body`` is what to send (local images already uploaded); default ``job.body()``.
+        """
         what = f"POST {SUBMIT_PATH}"
         headers = self._headers({"Idempotency-Key": job.idempotency_key})
         try:
             async with self.session.post(
                 self.base_url + SUBMIT_PATH,
-                json=job.body(image_url),
+                json=job.body() if body is None else body,
                 headers=headers,
                 timeout=self._timeout(self.timeouts.submit),
             ) as resp:
@@ -192,13 +195,13 @@ class Client:
                 retry_after = _retry_after_header(resp.headers.get("Retry-After"))
         except _TRANSPORT_ERRORS as exc:
             raise _transport_error(exc, what, sent=True) from exc
-        body = _json(raw)
-        if 200 <= status < 300 and _says_ok(body):
-            assert isinstance(body, dict)
-            task_id = _task_id(body)
+        answer = _json(raw)
+        if 200 <= status < 300 and _says_ok(answer):
+            assert isinstance(answer, dict)
+            task_id = _task_id(answer)
             if task_id:
                 return Submitted(task_id=task_id, http_status=status, replayed=replayed)
-        raise classify(status, body, raw, what, retry_after=retry_after, mutating=True)
+        raise classify(status, answer, raw, what, retry_after=retry_after, mutating=True)
 
     async def get_task(self, task_id: str) -> TaskState:
         """Fetch a task's state; 400 (unknown id) raises ``RejectedError``."""

@@ -12,6 +12,7 @@ is what the process exits with when the error ends a command::
         ├── RetryableError           refused before processing: safe to send again
         ├── AmbiguousError           may have been created and billed: never resent blindly
         ├── RejectedError            the request is wrong: no retry
+        │   └── ModelUnavailableError  the API does not serve the model: stop its jobs
         └── FatalApiError            exit 3: auth, permission or balance; stop the batch
 
 Job-level API errors never end a run by themselves: the submit stage turns them into
@@ -120,6 +121,19 @@ class AmbiguousError(ApiError):
 
 class RejectedError(ApiError):
     """The API refused the request itself (400, 404, 413, 422): fix the job."""
+
+
+class ModelUnavailableError(RejectedError):
+    """The API says it does not serve the job's model (retired, or no channel for it).
+
+    Nothing was created. The run stops sending that model's jobs and records them
+    ``error``, so a later run may try again; jobs of other models go on.
+    """
+
+    def __init__(self, message: str, *, model: str, status: int | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message, status=status, code=code)
+        self.model = model
 
 
 class FatalApiError(ApiError):

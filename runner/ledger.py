@@ -47,7 +47,7 @@ COLUMNS: Final = (
     "idempotency_key", "fingerprint", "model", "duration", "resolution", "aspect_ratio",
     "image_url", "image_file", "image_sha256", "uploaded_at", "prompt", "manifest",
     "base_url", "mock", "progress", "video_url", "expires_at", "thumbnail_url", "cost",
-    "file", "bytes",
+    "file", "bytes", "request",
 )  # fmt: skip
 
 FSYNC_INTERVAL: Final = 1.0

@@ -30,6 +30,7 @@ import aiohttp
 import aiohttp.abc
 import pytest
 from aiohttp import web
+from jobfactory import edit, make_job
 from multidict import CIMultiDict
 
 from runner.api import (
@@ -59,12 +60,11 @@ from runner.errors import (
     RejectedError,
     RetryableError,
 )
-from runner.models import Job
 from runner.retry import NO_WAIT, RetryPolicy
 
 KEY = "sk-test-SECRET-1234567890"
-JOB = Job(
-    job_id="fox-snow",
+JOB = make_job(
+    "fox-snow",
     model="sora-2",
     prompt="a red fox crossing fresh snow",
     duration=8,
@@ -292,11 +292,11 @@ async def test_resubmitting_the_same_job_replays_its_task(start):
 @pytest.mark.parametrize(
     "other",
     [
-        pytest.param(replace(JOB, prompt="a grey wolf crossing fresh snow"), id="edited-prompt"),
-        pytest.param(replace(JOB, duration=12), id="edited-duration"),
-        pytest.param(replace(JOB, aspect_ratio="portrait"), id="added-field"),
-        pytest.param(replace(JOB, manifest_name="weekly"), id="other-manifest"),
-        pytest.param(replace(JOB, job_id="fox-snow-2"), id="other-job-id"),
+        pytest.param(edit(JOB, prompt="a grey wolf crossing fresh snow"), id="edited-prompt"),
+        pytest.param(edit(JOB, duration=12), id="edited-duration"),
+        pytest.param(edit(JOB, aspect_ratio="portrait"), id="added-field"),
+        pytest.param(edit(JOB, manifest_name="weekly"), id="other-manifest"),
+        pytest.param(edit(JOB, job_id="fox-snow-2"), id="other-job-id"),
     ],
 )
 async def test_an_edited_job_or_another_manifest_gets_a_new_key_and_task(
@@ -320,10 +320,10 @@ async def test_an_edited_job_or_another_manifest_gets_a_new_key_and_task(
     [
         pytest.param(JOB, id="ascii"),
         pytest.param(
-            replace(JOB, job_id="여우-눈", prompt="눈 위의 여우 🦊", manifest_name="야간 배치"),
+            edit(JOB, job_id="여우-눈", prompt="눈 위의 여우 🦊", manifest_name="야간 배치"),
             id="non-ascii",
         ),
-        pytest.param(replace(JOB, job_id="x" * 5000, manifest_name="m" * 5000), id="very-long"),
+        pytest.param(edit(JOB, job_id="x" * 5000, manifest_name="m" * 5000), id="very-long"),
     ],
 )
 def test_idempotency_key_is_1_to_191_visible_ascii(job):
@@ -342,7 +342,7 @@ def test_idempotency_key_is_1_to_191_visible_ascii(job):
             id="text-to-video",
         ),
         pytest.param(
-            replace(JOB, duration=None, resolution="720p", image_url="https://img.test/own.png"),
+            edit(JOB, duration=None, resolution="720p", image_url="https://img.test/own.png"),
             "https://img.test/uploaded.png",
             RESPONSE_VERSION,
             {
@@ -360,7 +360,7 @@ async def test_submit_sends_the_key_the_headers_and_a_minimal_body(
 ):
     """One POST: Bearer key, Idempotency-Key, optional version; None fields absent, ints as ints."""
     api = await connect(echo.base_url, response_version=version)
-    await api.submit(job, image_url)
+    await api.submit(job, None if image_url is None else {**job.body(), "image_urls": [image_url]})
     [seen] = echo.seen
     assert (seen.method, seen.path_qs) == ("POST", "/v1/videos/generations")
     assert seen.headers["Authorization"] == f"Bearer {KEY}"
@@ -560,17 +560,18 @@ async def test_a_wrong_key_is_fatal_and_never_shown(start, connect):
 async def test_a_validation_error_is_rejected_with_the_servers_message(start):
     """400 invalid_request_error is RejectedError and keeps the emulator's explanation."""
     srv, api = await start()
-    exc = await expect(RejectedError, api.submit(replace(JOB, duration=7)))
+    exc = await expect(RejectedError, api.submit(edit(JOB, duration=7)))
     assert (exc.status, exc.code) == (400, "400")
-    assert "'duration' must be an integer, one of 4, 8, 12, 16, 20 (got 7)" in exc.message
+    assert "'duration': 7 is not one of [4, 8, 12, 16, 20]" in exc.message
     assert created(srv) == 0
 
 
 async def test_the_same_key_with_another_body_is_rejected(start):
-    """The key ignores ``image_url`` overrides, so a new upload URL for a sent job is a 422."""
+    """The key ignores the uploaded URL in the body, so a new upload URL for a sent job is a 422."""
     srv, api = await start()
-    await api.submit(JOB, "https://img.test/first.png")
-    exc = await expect(RejectedError, api.submit(JOB, "https://img.test/second.png"))
+    await api.submit(JOB, {**JOB.body(), "image_urls": ["https://img.test/first.png"]})
+    second = {**JOB.body(), "image_urls": ["https://img.test/second.png"]}
+    exc = await expect(RejectedError, api.submit(JOB, second))
     assert exc.status == 422
     assert "different request body" in exc.message
     assert srv.emulator.stats()["idempotency_conflicts"] == 1
