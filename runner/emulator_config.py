@@ -74,6 +74,11 @@ class EmulatorConfig:
         if self.unavailable_status not in (503, 404):
             msg = f"'unavailable_status' must be 503 or 404 (got {self.unavailable_status})"
             raise ValueError(msg)
+        if self.catalog_dir is not None:
+            object.__setattr__(self, "catalog_dir", Path(self.catalog_dir))
+            if not self.catalog_dir.is_dir():
+                msg = f"'catalog_dir' must be a folder of model schemas (got {self.catalog_dir})"
+                raise ValueError(msg)
         if self.rate_limit_rps is not None and self.rate_limit_rps <= 0:
             msg = f"'rate_limit_rps' must be > 0 (got {self.rate_limit_rps})"
             raise ValueError(msg)

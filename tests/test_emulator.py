@@ -855,6 +855,7 @@ async def test_unknown_api_path_is_a_json_404(emulator, session):
         pytest.param({"rate_limit_scope": "all"}, id="scope"),
         pytest.param({"unavailable_status": 400}, id="unavailable-status"),
         pytest.param({"retired_models": "sora-2"}, id="retired-models-str"),
+        pytest.param({"catalog_dir": Path("no-such-folder")}, id="catalog-dir"),
     ],
 )
 def test_bad_config_values_are_refused(knobs):
@@ -873,8 +874,10 @@ def test_every_knob_has_a_flag_and_defaults_round_trip():
         assert flag_name(f.name) in text
 
 
-def test_flags_build_the_config():
+def test_flags_build_the_config(tmp_path: Path):
     """Flags of each kind (float, int, str, bool, choice, path, repeated) reach the config."""
+    catalog = tmp_path / "models"
+    catalog.mkdir()
     parser = argparse.ArgumentParser()
     add_arguments(parser, prefix="mock-")
     argv = [
@@ -882,7 +885,7 @@ def test_flags_build_the_config():
         *("--mock-quota-status", "403", "--mock-retry-after", "3", "--no-mock-idempotency"),
         *("--mock-url-as-string", "--mock-rate-limit-scope", "api", "--mock-seed", "9"),
         *("--mock-retire-model", "sora-2", "--mock-retire-model", "kling-v3"),
-        *("--mock-unavailable-status", "404", "--mock-catalog-dir", "models"),
+        *("--mock-unavailable-status", "404", "--mock-catalog-dir", str(catalog)),
     ]
     ns = parser.parse_args(argv)
     assert config_from_args(ns) == EmulatorConfig(
@@ -897,7 +900,7 @@ def test_flags_build_the_config():
         seed=9,
         retired_models=frozenset({"sora-2", "kling-v3"}),
         unavailable_status=404,
-        catalog_dir=Path("models"),
+        catalog_dir=catalog,
     )
 
 
