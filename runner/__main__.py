@@ -1,5 +1,5 @@
-"""`python -m runner` runs the same CLI as `apimart-batch`."""
+"""`python -m runner` runs the same CLI as `apimart-batch`, signal handling included."""
 
-from runner.cli import main
+from runner.entry import main
 
 raise SystemExit(main())

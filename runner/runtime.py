@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import socket
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 
+from runner import entry
 from runner.api import Secret
 from runner.console import Console
 from runner.errors import RunnerError
@@ -46,7 +49,9 @@ async def interrupts(stop: asyncio.Event) -> AsyncIterator[list[int]]:
 
     Yields the list of signals caught; the first decides the exit code (130 or 143). The
     cancellation of a second signal ends at this block, so the caller still records what it
-    can and exits.
+    can and exits. Before and after the block, ``runner.entry`` handles the signals: the
+    handler is one plain ``signal.signal`` handler throughout, never reset to the default
+    in between, so no signal is lost or fatal while the phases hand over.
     """
     loop = asyncio.get_running_loop()
     caught: list[int] = []
@@ -61,16 +66,49 @@ async def interrupts(stop: asyncio.Event) -> AsyncIterator[list[int]]:
         caught.append(signum)
         stop.set()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, handle, signum)
+    with entry.routed(handle), _wakeup(loop):
+        try:
+            yield caught
+        except asyncio.CancelledError:
+            if not aborted or task is None or task.uncancel() > 0:
+                raise
+
+
+@contextmanager
+def _wakeup(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
+    """Wake the loop when a signal lands on another thread (a DNS or file worker).
+
+    Python runs signal handlers in the main thread only, between two instructions: without
+    a wakeup fd, a main thread asleep in ``select`` would not run it until its next event.
+    """
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.setblocking(False)
     try:
-        yield caught
-    except asyncio.CancelledError:
-        if not aborted or task is None or task.uncancel() > 0:
-            raise
+        old = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    except ValueError:  # not the main thread: no signal handler runs in this loop's thread
+        old = -1
+        ours = False
+    else:
+        ours = old == -1
+        if not ours:  # another wakeup fd (an asyncio signal handler) already wakes the loop
+            signal.set_wakeup_fd(old)
+    try:
+        if ours:
+            loop.add_reader(reader.fileno(), _drain, reader)
+        yield
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
+        if ours:
+            signal.set_wakeup_fd(old)
+            loop.remove_reader(reader.fileno())
+        reader.close()
+        writer.close()
+
+
+def _drain(reader: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while reader.recv(4096):
+            pass
 
 
 def merged_error(errors: BaseException | Sequence[BaseException]) -> RunnerError:
