@@ -257,10 +257,9 @@ def bundled_schema(catalog: Catalog) -> dict[str, Any]:
     ``$id``, so editors and check-jsonschema need no other file.
     """
     schema = composed_schema(catalog)
-    embedded: dict[str, Any] = {}
     for resource in _documents(catalog):
-        embedded[str(resource["$id"]).rsplit(":", 1)[-1]] = resource
-    schema["$defs"]["catalog"] = embedded
+        # Each embedded resource sits directly under $defs: only there is it a subresource.
+        schema["$defs"]["catalog:" + str(resource["$id"]).rsplit(":", 1)[-1]] = resource
     return schema
 
 

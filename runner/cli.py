@@ -18,15 +18,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from runner import __version__, emulator_config, plan, pricing, report, schemas
+from runner import __version__, emulator_config, plan, pricing, report
 from runner.api import DEFAULT_BASE_URL, Secret, api_key_from_env, key_file_warning
 from runner.app import RunConfig
 from runner.app import run as run_jobs
+from runner.catalog import bundled_schema, load_catalog
 from runner.console import Console
 from runner.errors import LedgerError, ManifestError, RunnerError, UsageError
 from runner.ledger import ledger_is_mock, ledger_path, read_latest
 from runner.lifecycle import LedgerConfig, run_download, run_status
 from runner.manifest import load_manifests
+from runner.plan import models_listing, render_models
 from runner.poll import PollTiming
 from runner.resume import decide
 from runner.retry import RetryPolicy
@@ -77,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="apimart-batch",
-        description="Validate, submit, record, poll and download APIMart Sora 2 video batches.",
+        description="Validate, submit, record, poll and download APIMart video batches "
+                    "(every model of the catalog: 'apimart-batch models').",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -90,10 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("validate", "Check manifests against the schema; send nothing.")
     p.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    _add_unknown_model_flag(p)
     p.set_defaults(func=cmd_validate)
 
     p = command("plan", "Show the expanded jobs and an estimated cost; send nothing.")
     p.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    _add_unknown_model_flag(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     _add_price_flag(p)
     p.add_argument("--ledger", metavar="PATH",
@@ -101,11 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mock", action="store_true", help="compare with the --mock ledger")
     p.set_defaults(func=cmd_plan)
 
-    p = command("schema", "Print the manifest JSON Schema.")
+    p = command("schema", "Print the manifest JSON Schema (self-contained), or one model's.")
+    p.add_argument("--model", metavar="ID",
+                   help="print the request schema of one catalog model instead")
     p.set_defaults(func=cmd_schema)
+
+    p = command("models", "List the model catalog: what each model takes, its values, its price.")
+    p.add_argument("--json", action="store_true", help="print the catalog as JSON")
+    p.set_defaults(func=cmd_models)
 
     p = command("run", "Submit every job not done yet, recording each in the ledger.")
     p.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    _add_unknown_model_flag(p)
     p.add_argument("--ledger", metavar="PATH",
                    help="ledger CSV (default: <manifest stem>.ledger.csv beside it; "
                         "<stem>.mock.ledger.csv with --mock)")
@@ -171,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_unknown_model_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-unknown-model", action="store_true",
+                   help="accept models outside the catalog: check model and prompt only and "
+                        "send every other field as written (as 'unknown_models: allow')")
+
+
 def _add_price_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--price", action="append", default=[], metavar="MODEL/RES=USD",
                    help="override a per-second price estimate, e.g. sora-2-pro/1080p=0.6")
@@ -219,7 +237,7 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """``validate``: one line per valid file; ManifestError otherwise."""
-    for manifest in load_manifests(args.manifests):
+    for manifest in load_manifests(args.manifests, allow_unknown_models=args.allow_unknown_model):
         count = len(manifest.jobs)
         print(f"{manifest.path}: {count} job{'s' if count != 1 else ''} valid")
     return 0
@@ -227,7 +245,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """``plan``: the expanded jobs, totals and the estimated cost; no network."""
-    manifests = load_manifests(args.manifests)
+    manifests = load_manifests(args.manifests, allow_unknown_models=args.allow_unknown_model)
     prices = pricing.merged_prices(manifests, _prices(args.price))
     skipped: dict[str, str] = {}
     for manifest in manifests:
@@ -247,8 +265,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    """``schema``: print the manifest JSON Schema."""
-    print(schemas.schema_text(), end="")
+    """``schema``: the manifest schema with the catalog embedded, or one model's schema."""
+    catalog = load_catalog()
+    if args.model is None:
+        document = bundled_schema(catalog)
+    elif args.model in catalog:
+        document = dict(catalog[args.model].schema)
+    else:
+        close = catalog.nearest(args.model)
+        listing = "'apimart-batch models' lists them"
+        hint = f"did you mean {' or '.join(close)}?" if close else listing
+        msg = f"--model {args.model}: not a model of the catalog\n  hint: {hint}"
+        raise UsageError(msg)
+    print(json.dumps(document, indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """``models``: the catalog, one line per model id (or JSON)."""
+    entries = models_listing(load_catalog())
+    if args.json:
+        print(json.dumps(entries, indent=2, ensure_ascii=False))
+    else:
+        print(render_models(entries))
     return 0
 
 
@@ -274,6 +313,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         base_url=_base_url(args.base_url),
         summary_json=args.summary_json,
         prices=_prices(args.price),
+        allow_unknown_models=args.allow_unknown_model,
         policy=RetryPolicy(attempts=args.max_attempts),
         wait=args.wait,
         out=args.out,

@@ -12,10 +12,6 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
-#: Sora 2's defaults, for the emulator's Sora-only paths (the catalog holds every model's).
-API_DEFAULT_DURATION = 4
-API_DEFAULT_RESOLUTION = "720p"
-
 #: A place in a request body: keys and list indexes, e.g. ``("image_urls", 0)``.
 Pointer = tuple[str | int, ...]
 

@@ -6,10 +6,16 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from runner.catalog import COMMON_FIELDS
+from runner.catalog import COMMON_FIELDS, Catalog
 from runner.manifest import Manifest
 from runner.models import Job
-from runner.pricing import built_in_labels, built_in_prices, estimate, rate_and_key
+from runner.pricing import (
+    built_in_labels,
+    built_in_prices,
+    estimate,
+    rate_and_key,
+    valid_resolutions,
+)
 
 _NO_SKIPS: Mapping[str, str] = {}
 _PROMPT_WIDTH = 48
@@ -211,6 +217,59 @@ def _image(job: Job) -> str:
     if job.image_url:
         return "url:" + job.image_url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
     return "-"
+
+
+def models_listing(catalog: Catalog) -> list[dict[str, Any]]:
+    """Every catalog model as plain data (what ``models --json`` prints)."""
+    entries = []
+    built_in = built_in_prices()
+    for model, spec in catalog.items():
+        resolution = spec.fields.get("resolution")
+        duration = spec.schema.get("properties", {}).get(spec.fields.get("duration", ""), {})
+        prices = {key: usd for key, usd in built_in.items()
+                  if key == model or key.startswith(model + "/")}
+        entries.append({
+            "id": model,
+            "family": spec.family,
+            "title": spec.title,
+            "takes": list(spec.takes),
+            "durations": list(duration.get("enum", [])),
+            "duration_range": [duration["minimum"], duration["maximum"]]
+            if {"minimum", "maximum"} <= set(duration) else None,
+            "default_duration": spec.defaults.get(spec.fields.get("duration", "")),
+            "resolution_field": resolution,
+            "resolutions": valid_resolutions(spec),
+            "default_resolution": spec.defaults.get(resolution) if resolution else None,
+            "aspect_field": spec.fields.get("aspect_ratio"),
+            "usd_per_second": prices,
+            "response": spec.response,
+            "source": spec.source,
+            "read": spec.read,
+            "schema": spec.file,
+        })  # fmt: skip
+    return entries
+
+
+def render_models(entries: Sequence[Mapping[str, Any]]) -> str:
+    """The catalog as a table for people."""
+    rows = [["MODEL", "TAKES", "SECONDS", "RESOLUTIONS (DEFAULT)", "USD/S", "READ"]]
+    for entry in entries:
+        span = entry["duration_range"]
+        seconds = f"{span[0]}-{span[1]}" if span else ",".join(map(str, entry["durations"])) or "-"
+        default = entry["default_resolution"]
+        resolutions = "/".join(entry["resolutions"]) + (f" ({default})" if default else "")
+        prices = [usd for usd in entry["usd_per_second"].values() if usd is not None]
+        usd = "unknown" if not prices else (
+            f"{min(prices):g}" if min(prices) == max(prices) else f"{min(prices):g}-{max(prices):g}"
+        )
+        rows.append([entry["id"], ",".join(entry["takes"]), seconds, resolutions or "-",
+                     usd, entry["read"]])
+    lines = _columns(rows, right=set())
+    lines.append("")
+    lines.append("Field names differ by model: 'apimart-batch schema --model ID' prints one's "
+                 "schema. USD/S: the built-in estimate (see 'plan'), 'unknown' where no price "
+                 "is known.")
+    return "\n".join(lines)
 
 
 def _columns(rows: list[list[str]], right: set[int]) -> list[str]:

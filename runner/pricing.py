@@ -138,10 +138,23 @@ def merged_prices(
                     f"{prices[key]}\n  hint: agree on one price, or pass --price {key}=USD"
                 )
                 raise UsageError(msg)
+            _drop_built_in_variants(prices, key, setters, overrides)
             prices[key], sources[key], setters[key] = usd, f"from {manifest.path}", manifest.path
     for key, usd in overrides.items():
+        _drop_built_in_variants(prices, key, setters, overrides)
         prices[key], sources[key] = usd, "from --price"
     return PriceTable(prices, sources)
+
+
+def _drop_built_in_variants(
+    prices: dict[str, float | None], key: str, *given: Mapping[str, object]
+) -> None:
+    """A price given for a whole model replaces the built-in ones of its resolutions."""
+    if "/" in key:
+        return
+    for other in [k for k in prices if k.startswith(key + "/")]:
+        if not any(other in table for table in given):
+            del prices[other]
 
 
 def key_problem(key: str, catalog: Catalog | None = None) -> str | None:
