@@ -315,13 +315,13 @@ class _FileLoader:
                 continue
             where = _source_path(pointer, sources, ())
             found = self._local_image(value, where, limit)
+            if checked is values:
+                checked = copy.deepcopy(values)
+            _set(checked, pointer, _UPLOADED)  # one problem per place: the file's own
             if found is None:
                 usable = False
                 continue
             uploads.append(Upload(pointer=pointer, file=found[0], sha256=found[1]))
-            if checked is values:
-                checked = copy.deepcopy(values)
-            _set(checked, pointer, _UPLOADED)
         return (tuple(uploads) if usable else None), checked
 
     def _verdict(self, spec: ModelSpec | None, values: dict[str, Any]) -> list[Problem]:
