@@ -195,8 +195,9 @@ class _FileLoader:
             return
         defaults = doc.get("defaults")
         defaults = defaults if isinstance(defaults, dict) else {}
+        # Counted before anything expands: a huge matrix costs one multiplication, not memory.
         total = 0
-        taken: dict[str, tuple[int, Pos]] = {}
+        plans: list[tuple[int, dict[str, Any], dict[str, list[Any]], int]] = []
         for index, entry in enumerate(entries):
             matrix = _matrix(entry)
             if matrix is None:
@@ -208,17 +209,26 @@ class _FileLoader:
                 hint = "split the batch into several manifests, or shrink the matrix or repeat"
                 self._report_at(("jobs", index), message, hint)
                 return
+            plans.append((index, entry, matrix, repeat))
+        taken: dict[str, tuple[int, Pos]] = {}
+        for index, entry, matrix, repeat in plans:
+            pos = _locate(self.doc, ("jobs", index))[1]
             for choice in itertools.product(*(range(len(values)) for values in matrix.values())):
                 combo = dict(zip(matrix, choice, strict=True))
-                job = self._job(index, entry, defaults, combo)
+                job = self._job(index, entry, defaults, combo, pos)
                 base = _base_id(entry, combo, job)
                 if base is None:
                     continue
                 for take in range(1, repeat + 1):
-                    self._add(index, base if take == 1 else f"{base}-{take}", job, taken)
+                    self._add(index, pos, base if take == 1 else f"{base}-{take}", job, taken)
 
     def _job(
-        self, index: int, entry: dict[str, Any], defaults: dict[str, Any], combo: dict[str, int]
+        self,
+        index: int,
+        entry: dict[str, Any],
+        defaults: dict[str, Any],
+        combo: dict[str, int],
+        pos: Pos,
     ) -> Job | None:
         """One expanded job (None when invalid; the problems are reported)."""
         here: DocPath = ("jobs", index)
@@ -272,7 +282,7 @@ class _FileLoader:
             fields=spec.fields if spec else {},
             manifest=self.path,
             manifest_name=self.name,
-            line=_locate(self.doc, here)[1][0],
+            line=pos[0],
             catalogued=spec is not None,
         )
 
@@ -333,7 +343,7 @@ class _FileLoader:
         prompt = values.get("prompt")
         if isinstance(prompt, str) and prompt.strip():
             probe = {**values, "prompt": "p" * len(prompt)}
-        key = canonical_json(probe) if _jsonable(probe) else None
+        key = _canonical_or_none(probe)
         problems = self._verdicts.get(key) if key is not None else None
         if problems is None:
             problems = explain(validator, probe, registry=validators.catalog.registry,
@@ -367,10 +377,9 @@ class _FileLoader:
         return None
 
     def _add(
-        self, index: int, job_id: str, job: Job | None, taken: dict[str, tuple[int, Pos]]
+        self, index: int, pos: Pos, job_id: str, job: Job | None, taken: dict[str, tuple[int, Pos]]
     ) -> None:
         """Keep a valid job under ``job_id``; refuse a taken id even for an invalid job."""
-        pos = _locate(self.doc, ("jobs", index))[1]
         if job_id in taken:
             first, first_pos = taken[job_id]
             message = (
@@ -494,12 +503,12 @@ def _integral(value: Any) -> Any:
     return value
 
 
-def _jsonable(value: Any) -> bool:
+def _canonical_or_none(value: Any) -> str | None:
+    """``value`` as canonical JSON, or None when it holds something JSON cannot say."""
     try:
-        canonical_json(value)
+        return canonical_json(value)
     except (TypeError, ValueError):
-        return False
-    return True
+        return None
 
 
 def _matrix_value(key: str, value: Any) -> Any:
