@@ -4,6 +4,10 @@ The vocabulary is stamina's: bounded by ``attempts`` *and* a total ``timeout``,
 exponential backoff (``wait_initial`` × ``wait_exp_base`` ** n, capped at ``wait_max``)
 with full jitter, and the server's ``Retry-After`` honoured as the minimum wait.
 Which errors are worth a retry is decided by the caller, by error class.
+
+Every wait is bounded: never more than ``MAX_SERVER_WAIT`` (10 minutes, whatever the
+server asks), never more than what is left of the policy's ``timeout``, nor of any
+other budget the caller names (``left``, e.g. what remains of ``--deadline``).
 """
 
 from __future__ import annotations
@@ -11,6 +15,10 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, replace
+from typing import Final
+
+#: The longest single wait: a ``Retry-After: 99999999`` or ``retry_after: 1e300`` waits this.
+MAX_SERVER_WAIT: Final = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,11 +47,20 @@ class RetryPolicy:
             msg = f"'timeout' must be > 0, got {self.timeout}"
             raise ValueError(msg)
 
-    def wait(self, attempt: int, retry_after: float | None = None) -> float:
+    def wait(
+        self,
+        attempt: int,
+        retry_after: float | None = None,
+        *,
+        elapsed: float = 0.0,
+        left: float | None = None,
+    ) -> float:
         """Seconds to wait after failed try number ``attempt`` (1-based).
 
         Full jitter spreads workers that failed together; ``retry_after`` is a floor,
-        because the server knows better than our guess.
+        because the server knows better than our guess (a negative, NaN or infinite one
+        is no advice). The result is at most ``MAX_SERVER_WAIT``, at most what is left of
+        ``timeout`` after ``elapsed`` seconds since the first try, and at most ``left``.
         """
         try:
             growth = self.wait_exp_base ** max(0, attempt - 1)
@@ -51,7 +68,13 @@ class RetryPolicy:
             growth = math.inf
         ceiling = min(self.wait_max, self.wait_initial * growth) if self.wait_initial > 0 else 0.0
         jittered = random.uniform(0.0, ceiling) if ceiling > 0 else 0.0
-        return max(jittered, retry_after or 0.0)
+        floor = retry_after if retry_after is not None and math.isfinite(retry_after) else 0.0
+        wait = max(jittered, floor)
+        bounds = [MAX_SERVER_WAIT, self.timeout - elapsed]
+        if left is not None:
+            bounds.append(left)
+        bound = min(b if not math.isnan(b) else 0.0 for b in bounds)
+        return max(0.0, min(wait, bound)) if math.isfinite(wait) else max(0.0, bound)
 
     def with_attempts(self, attempts: int) -> RetryPolicy:
         """A copy with another attempt bound."""
