@@ -57,6 +57,7 @@ from runner.errors import (
     AmbiguousError,
     ApiError,
     FatalApiError,
+    ModelUnavailableError,
     RejectedError,
     RetryableError,
 )
@@ -276,6 +277,26 @@ async def test_submit_reads_both_envelopes_and_the_replay_header(
     echo.answer(200, body, headers)
     api = await connect(echo.base_url)
     assert await api.submit(JOB) == expected
+
+
+async def test_grok_answers_data_as_an_object_and_the_task_is_read(start):
+    """Grok's submit answer (``data: {id, ...}``, no version header) yields its one task."""
+    srv, api = await start()
+    grok = make_job("dog", model="grok-imagine-1.0-video-apimart", prompt="a dog", size="16:9")
+    done = await api.submit(grok)
+    assert TASK_ID.fullmatch(done.task_id)
+    assert (await api.get_task(done.task_id)).status == "pending"
+    assert created(srv) == 1
+
+
+@pytest.mark.parametrize("status", [503, 404])
+async def test_a_retired_model_is_unavailable_and_nothing_is_created(start, status):
+    """Either assumed retired-model answer is ModelUnavailableError naming the model, never 503."""
+    srv, api = await start(retired_models={"sora-2"}, unavailable_status=status)
+    exc = await expect(ModelUnavailableError, api.submit(JOB))
+    assert (exc.model, exc.status, exc.code) == ("sora-2", status, "model_not_found")
+    assert "hint: APIMart does not serve model 'sora-2'" in exc.message
+    assert created(srv) == 0
 
 
 async def test_resubmitting_the_same_job_replays_its_task(start):
