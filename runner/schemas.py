@@ -310,7 +310,9 @@ def _out_of_range(path: tuple[str | int, ...], keyword: str, limit: Any, value: 
         noun = "item" if limit == 1 else "items"
         return Problem(path, f"needs at least {limit} {noun}")
     if keyword == "maxItems":
-        hint = "one job takes one image; for several, use 'matrix: {image: [...]}'"
+        one_image = limit == 1 and path[-1:] == ("image_urls",)
+        several = "one job takes one image; for several, use 'matrix: {image: [...]}'"
+        hint = several if one_image else None
         return Problem(path, f"at most {limit} allowed, got {len(value)}", hint)
     if keyword == "minProperties":
         return Problem(path, "must not be empty")
@@ -332,7 +334,8 @@ def _condition(error: ValidationError, context: _Context) -> tuple[str, str | No
         rule = node
         consts = node.get("if", {}).get("properties", {})
         for key, sub in consts.items():
-            word = f"{key} {sub['const']}" if isinstance(sub, Mapping) and "const" in sub else None
+            const = sub.get("const") if isinstance(sub, Mapping) and "const" in sub else None
+            word = f"{key} {_show(const, quote=False)}" if const is not None else None
             if word and word not in words:
                 words.append(word)
     condition = f" for {' and '.join(words)}" if words else ""

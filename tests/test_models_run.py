@@ -232,21 +232,22 @@ jobs:
   - {id: v, model: veo3.1-fast, prompt: A fox in snow}
   - {id: k, model: kling-v3, prompt: A fox in snow, mode: pro}
   - {id: g, model: grok-imagine-1.0-video-apimart, prompt: A fox in snow}
+  - {id: h, model: MiniMax-Hailuo-2.3, prompt: A fox in snow, first_frame_image: ./b.png}
 """  # noqa: E501
 
 
 async def test_a_mixed_manifest_runs_and_resumes_without_resending(emulator, tmp_path) -> None:
-    """Six models, local images in three field kinds: all sent once, each upload once."""
+    """Seven models, local images in three field kinds: all sent once, each upload once."""
     (tmp_path / "a.png").write_bytes(png(10))
     (tmp_path / "b.png").write_bytes(png(20))
     srv = await emulator(key=KEY)
     path = write(tmp_path, MIXED)
     plan = plan_json(load_manifests([path]), merged_prices([]))
-    assert plan["totals"]["unpriced"] == 4  # wan, veo, kling, grok have no known price
+    assert plan["totals"]["unpriced"] == 5  # wan, veo, kling, grok, hailuo: no known price
     code, summary, _ = await run(srv, path)
-    assert code == 0 and summary["this_run"] == {"submitted": 6}
+    assert code == 0 and summary["this_run"] == {"submitted": 7}
     stats = srv.emulator.stats()
-    assert stats["tasks_created"] == 6 and stats["uploads"] == 2
+    assert stats["tasks_created"] == 7 and stats["uploads"] == 2
     rows = read_latest(tmp_path / "m.ledger.csv")
     wan = json.loads(rows["w"]["request"])
     assert len(wan["image_urls"]) == 2 and all(u.startswith("http") for u in wan["image_urls"])
@@ -255,7 +256,8 @@ async def test_a_mixed_manifest_runs_and_resumes_without_resending(emulator, tmp
     assert rows["g"]["task_id"].startswith("task_")  # Grok's {data: {id}} answer, read
     code, summary, _ = await run(srv, path)
     assert code == 0 and "submitted" not in summary["this_run"]
-    assert srv.emulator.stats()["tasks_created"] == 6
+    assert srv.emulator.stats()["tasks_created"] == 7
+    assert json.loads(rows["h"]["request"])["first_frame_image"] == wan["image_urls"][1]
 
 
 async def test_a_retired_model_stops_its_jobs_and_the_others_go_on(emulator, tmp_path) -> None:
