@@ -43,6 +43,10 @@ UPLOAD_LIFETIME = 72 * 3600.0
 UPLOAD_REUSE_MARGIN = 12 * 3600.0
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0][:200]
+
+
 def job_fields(job: Job) -> dict[str, object]:
     """The ledger cells that describe a job's request.
 
@@ -103,6 +107,28 @@ class Submitter:
             self.ledger_errors.append(exc)
             self.stop.set()
             return True
+        except Exception as exc:  # noqa: BLE001 - one job's unforeseen failure is data
+            try:
+                self._crashed(job, exc)
+            except LedgerError as error:
+                self.ledger_errors.append(error)
+                self.stop.set()
+            return True
+
+    def _crashed(self, job: Job, exc: Exception) -> None:
+        """Record a job whose submission failed in a way nobody foresaw; the others go on.
+
+        A ``submitting`` row means the POST may have left: the job becomes ``unknown``
+        (never resent blindly). Before that row, nothing was sent: ``error``.
+        """
+        what = f"internal error ({type(exc).__name__}: {_first_line(exc)})"
+        status = self.ledger.latest.get(job.job_id, {}).get("status")
+        if status == "submitting":  # written by this run: earlier runs' were made 'unknown'
+            self._record(job, "unknown", 0, error=f"{what}; the task may exist")
+        elif status in AMBIGUOUS:
+            return  # an earlier run's 'unknown' stays as it is
+        else:
+            self._record(job, "error", 0, error=f"not sent: {what}", cells=job_fields(job))
 
     async def _submit(self, job: Job) -> bool:
         refusal = self.unavailable.get(job.model)

@@ -322,3 +322,37 @@ async def test_a_0_1_ledger_resumes_without_resending(emulator, tmp_path) -> Non
     assert "submitted" not in summary["this_run"], err
     assert srv.emulator.stats()["requests"].get("submit", 0) == 0
     assert code == 0
+
+
+@pytest.mark.parametrize(
+    ("where", "status"),
+    [
+        pytest.param("prepare", "error", id="before-the-post"),
+        pytest.param("client", "unknown", id="while-posting"),
+    ],
+)
+async def test_an_unforeseen_failure_of_one_job_is_recorded_and_the_others_go_on(
+    emulator, tmp_path, monkeypatch, where: str, status: str
+) -> None:
+    """A bug in one job's submission: 'error' before the POST, 'unknown' once it may have left."""
+    from runner.api import Client
+    from runner.submit import Submitter
+
+    srv = await emulator(key=KEY)
+    jobs = "  - {id: a, prompt: one}\n  - {id: boom, prompt: two}\n  - {id: c, prompt: three}\n"
+    path = write(tmp_path, "version: 1\ndefaults: {model: wan2.7}\njobs:\n" + jobs)
+    target = Submitter._prepare if where == "prepare" else Client.submit
+
+    async def flaky(self: Any, job: Any, *args: Any) -> Any:
+        if job.job_id == "boom":
+            raise TypeError("a bug nobody foresaw")
+        return await target(self, job, *args)
+
+    monkeypatch.setattr(Submitter if where == "prepare" else Client,
+                        "_prepare" if where == "prepare" else "submit", flaky)
+    code, _, _ = await run(srv, path, concurrency=1)
+    rows = read_latest(tmp_path / "m.ledger.csv")
+    assert rows["boom"]["status"] == status
+    assert "TypeError: a bug nobody foresaw" in rows["boom"]["error"]
+    assert rows["a"]["status"] == rows["c"]["status"] == "submitted"
+    assert code == 1
