@@ -6,6 +6,11 @@ a disconnect or a full disk never leaves a partial file under the final name.
 Names come from the job id, made safe (no separators, no ``..``, no control
 characters) and suffixed with a hash of the raw id whenever making it safe changed
 it, so two jobs can never share a file.
+
+Whatever goes wrong for one job, even in a way nobody foresaw, leaves it ``completed``
+for a later ``download``; only a ledger that cannot be written stops the stage. At the
+deadline (``run --wait --deadline``) downloads in flight are cut, their partial files
+removed, and none starts after it: the deadline bounds the whole command.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path, PurePosixPath
@@ -25,11 +30,11 @@ from typing import IO, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from runner.api import Client
-from runner.errors import ApiError
+from runner.errors import ApiError, LedgerError
 from runner.ledger import Recorder
 from runner.models import parse_iso
 from runner.retry import RetryPolicy
-from runner.schedule import Clock, Limiter, Sleep, Stopped, retrying
+from runner.schedule import Clock, Limiter, Sleep, Stopped, cut_at, describe, retrying
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _EXTENSIONS = frozenset({".mp4", ".mov", ".webm", ".m4v"})
@@ -61,9 +66,18 @@ def needs_download(row: Mapping[str, str]) -> bool:
     return False
 
 
+#: What a job counts as when the deadline passed before its video was on disk.
+NOT_BY_DEADLINE = "not downloaded by the deadline"
+
+
 @dataclass
 class Downloader:
-    """Downloads videos of completed jobs into ``out``; share one instance between workers."""
+    """Downloads videos of completed jobs into ``out``; share one instance between workers.
+
+    ``deadline`` (a ``clock`` time) cuts downloads in flight and starts none after it.
+    ``on_error`` is told (job id, exception) of each download that failed in a way nobody
+    foresaw; the job stays ``completed``, with the error in its row.
+    """
 
     client: Client
     ledger: Recorder
@@ -79,13 +93,32 @@ class Downloader:
     #: A --mock ledger's links name the emulator of the process that polled them, whose
     #: port is gone: they are fetched from this origin (the emulator of this process).
     origin: str | None = None
+    deadline: float | None = None
+    on_error: Callable[[str, Exception], None] | None = None
 
     def needs_download(self, row: Mapping[str, str]) -> bool:
         """Completed with a link, or downloaded but the file is gone or damaged."""
         return needs_download(row)
 
     async def __call__(self, job_id: str) -> None:
-        """Download one job's video and record ``downloaded`` (or why not)."""
+        """Download one job's video and record ``downloaded`` (or why not).
+
+        Never raises for the job's own sake; a ``LedgerError`` does (the record is broken).
+        """
+        if self.deadline is not None and self.clock() >= self.deadline:
+            self.counts[NOT_BY_DEADLINE] += 1
+            return
+        try:
+            await self._download(job_id)
+        except LedgerError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one job's surprise must not stop the others
+            self._fail(job_id, f"the download failed unexpectedly ({describe(exc)}); it stays "
+                       "completed for a later 'apimart-batch download'", "download errors")
+            if self.on_error is not None:
+                self.on_error(job_id, exc)
+
+    async def _download(self, job_id: str) -> None:
         row = self.ledger.latest[job_id]
         url = row.get("video_url", "")
         if self.origin is not None:
@@ -97,12 +130,18 @@ class Downloader:
             return
         name = file_name(job_id, url)
         target = self.out / name
+        cut = cut_at(self.deadline, self.clock)
         try:
-            size = await retrying(partial(self._fetch, url, target), limiter=self.limiter,
-                                  policy=self.policy, stop=self.stop, clock=self.clock,
-                                  sleep=self.sleep)
+            async with cut:
+                size = await retrying(partial(self._fetch, url, target), limiter=self.limiter,
+                                      policy=self.policy, stop=self.stop, clock=self.clock,
+                                      sleep=self.sleep, deadline=self.deadline)
         except Stopped:
             return  # never started: the job stays completed for the next run
+        except TimeoutError:
+            if not cut.expired():
+                raise
+            self.counts[NOT_BY_DEADLINE] += 1  # cut: the job stays completed, no file
         except ApiError as exc:
             self._fail(job_id, exc.message, "download errors")
         except (OSError, _DiskError) as exc:

@@ -6,7 +6,8 @@ handler stays installed to the end; what a signal does depends on the phase:
 
 * **before any stop-aware phase** (imports, flags, manifests, ledger opening): nothing was
   sent, so the command ends at once with ``Interrupted``; it exits 130 (SIGINT) or 143
-  (SIGTERM) and prints one line, never a traceback;
+  (SIGTERM) and prints one line, never a traceback. Signals while it unwinds are noted
+  only: the clean-up (closing the ledger, stopping a --mock emulator) is short;
 * **inside a stop-aware phase** (``runtime.interrupts``, see ``routed``): the signal goes to
   that phase, which stops starting work on the first and aborts on the second;
 * **after one** (the summary is being written): the first signal waits for the summary,
@@ -59,6 +60,7 @@ class _State:
         self.route: Route | None = None  # the stop-aware phase running now, if any
         self.settled = False  # a stop-aware phase has ended: its summary is being written
         self.installed = False  # ``main`` owns the handlers (not so in-process, under tests)
+        self.raised = False  # an ``Interrupted`` is on its way out
 
 
 _state = _State()
@@ -89,9 +91,12 @@ def _running_loop() -> AbstractEventLoop | None:
 def _deliver(signum: int, first: bool) -> None:
     if _state.route is not None:
         _state.route(signum)
-    elif not _state.installed:
-        return  # in-process (tests): a late signal of a phase that has ended
+    elif not _state.installed or _state.raised:
+        # In-process (tests): a late signal of a phase that has ended. Or the command is
+        # already ending: cutting its clean-up short would only leave asyncio's complaints.
+        return
     elif not (first and _state.settled):
+        _state.raised = True
         raise Interrupted(signum)
 
 
@@ -129,7 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = cli_main(args)
         except Interrupted as exc:
             code = exit_code(exc.signum)
-            _say(f"apimart-batch: interrupted by {signal.Signals(exc.signum).name}", args)
+            _say(f"apimart-batch: interrupted by {_name(exc.signum)}", args)
+        else:
+            if _state.signals and code != exit_code(_state.signals[0]):
+                # It came as the summary was written, so the command saw none: say it here.
+                _say(f"apimart-batch: interrupted by {_name(_state.signals[0])} as the "
+                     "command ended; what it did is recorded", args)
         with suppress(Interrupted, OSError):  # a signal while flushing, or nobody listening
             sys.stdout.flush()
             sys.stderr.flush()
@@ -139,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for signum in SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
     return exit_code(_state.signals[0]) if _state.signals else code
+
+
+def _name(signum: int) -> str:
+    return signal.Signals(signum).name
 
 
 def _say(text: str, args: Sequence[str]) -> None:

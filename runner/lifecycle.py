@@ -5,6 +5,11 @@ queued for download at once, links that expire soonest first. ``run --wait`` fee
 it while submitting; ``status`` and ``download`` run it on a ledger alone. Only tasks
 submitted to the API this command talks to are touched: another API does not know
 their ids, and would answer that the (paid) tasks do not exist.
+
+A poll or a download that fails in a way nobody foresaw ends that task's turn only (it
+stays pollable, or ``completed`` for a later ``download``), reported through
+``on_error``. At ``timing.deadline`` both stages end: polls and downloads in flight are
+cut, and the tasks left are counted in ``poller.waiting`` (the summary's "still running").
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ import os
 import shlex
 import signal
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -37,7 +43,7 @@ from runner.ledger import Recorder, keep_synced, ledger_is_mock, open_ledger
 from runner.poll import NO_VIDEO_STATES, POLLABLE_STATES, Poller, PollTiming
 from runner.retry import RetryPolicy
 from runner.runtime import connect, interrupts, merged_error
-from runner.schedule import Limiter
+from runner.schedule import Limiter, describe
 
 #: Queued after every real item (which all have priority 0): "no more downloads".
 _LAST = (1, 0.0, "")
@@ -60,6 +66,8 @@ class Media:
 
     ``base_url`` is what this command's rows record in the ``base_url`` column (the API's
     URL, or ``mock``): tasks recorded against another are neither polled nor downloaded.
+    ``on_error(job_id, exc)`` hears of every poll or download that failed in a way nobody
+    foresaw (it must not raise); the others carry on.
     """
 
     poller: Poller
@@ -80,6 +88,7 @@ class Media:
         poll: bool = True,
         repeat: bool = True,
         origin: str | None = None,
+        on_error: Callable[[str, Exception], None] | None = None,
     ) -> None:
         self.workers = config.concurrency
         self._queue = asyncio.PriorityQueue()
@@ -88,9 +97,11 @@ class Media:
         self.downloader = None
         if out is not None:
             self.downloader = Downloader(client, ledger, out, Limiter(config.concurrency),
-                                         config.policy, stop, origin=origin)
+                                         config.policy, stop, origin=origin,
+                                         deadline=config.timing.deadline, on_error=on_error)
         self.poller = Poller(client, ledger, limiter, config.policy, stop, config.timing,
-                             on_completed=self._completed if out else None, repeat=repeat)
+                             on_completed=self._completed if out else None,
+                             on_error=on_error, repeat=repeat)
         self._ledger = ledger
 
     def _completed(self, job_id: str) -> None:
@@ -192,7 +203,8 @@ async def _on_ledger(config: LedgerConfig, console: Console, *, poll: bool, down
             client = await stack.enter_async_context(Client(base_url, key, pool=config.concurrency))
             media = Media(client, ledger, config, stop, Limiter(config.concurrency),
                           base_url=target, out=out, poll=poll, repeat=config.wait,
-                          origin=base_url if mock else None)
+                          origin=base_url if mock else None,
+                          on_error=partial(warn_unforeseen, console))
             skipped = media.resume(list(ledger.latest))
             warn_other_targets(skipped, target, console, "polled" if poll else "downloaded")
             media.poller.close()  # nothing else will be added: the pollers end when it drains
@@ -240,6 +252,14 @@ def show_progress(media: Media, console: Console) -> None:
 
     poller.on_polled = update
     console.start_progress(total, "polling")
+
+
+def warn_unforeseen(console: Console, job_id: str, exc: Exception) -> None:
+    """Say that one job's poll or download failed in a way nobody foresaw, and what now."""
+    console.warn(f"job '{job_id}': unexpected error ({describe(exc)}); the job keeps its "
+                 "recorded state and is tried again later\n"
+                 "  hint: if it persists, report this line; 'apimart-batch status' or "
+                 "'download' retries it")
 
 
 def warn_other_targets(skipped: Counter[str], target: str, console: Console, verb: str) -> None:

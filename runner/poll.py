@@ -4,7 +4,12 @@ Polling is idempotent, so every transient failure (network, 429, 5xx) is retried
 with backoff and never turns a task into ``failed``. A task id the API says it does
 not know (HTTP 400 "Invalid task ID") is recorded as ``not_found`` once and not polled
 again; any other 4xx stops polling like an auth failure and records nothing (the API
-target is wrong, not the task).
+target is wrong, not the task). An error nobody foresaw (a bug, an answer that breaks
+the parser) leaves the task pollable: it is polled again later, like after a transient
+error, and after ``policy.attempts`` such errors in a row it is left for a later
+``status``. Only a fatal answer or a ledger that cannot be written stops the poller.
+At the deadline, polls in flight are cut (a GET is safe to abandon) and their tasks
+stay recorded as they were.
 Tasks wait in one heap ordered by their next poll time: memory is one small
 entry per running task, whatever the batch size.
 """
@@ -22,11 +27,11 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from runner.api import Client, TaskState
-from runner.errors import FatalApiError, RejectedError, RetryableError
+from runner.errors import FatalApiError, LedgerError, RejectedError, RetryableError
 from runner.ledger import Recorder
 from runner.models import iso_utc
 from runner.retry import RetryPolicy
-from runner.schedule import Clock, Limiter, Sleep, Stopped, retrying
+from runner.schedule import Clock, Limiter, Sleep, Stopped, cut_at, retrying
 
 #: Last statuses that have a task to poll.
 POLLABLE_STATES = frozenset({"submitted", "pending", "processing"})
@@ -64,7 +69,9 @@ class Poller:
     """Polls every task it is given until each is terminal, the deadline passes, or ``stop``.
 
     ``on_completed`` is called with the job id of each task that reaches ``completed``
-    (the download stage hooks in there); ``on_polled`` after every poll (progress display).
+    (the download stage hooks in there); ``on_polled`` after every poll (progress display);
+    ``on_error`` with the job id and the exception of each poll that failed in a way
+    nobody foresaw (the task stays pollable; counted as a poll error).
     """
 
     client: Client
@@ -75,6 +82,7 @@ class Poller:
     timing: PollTiming = field(default_factory=PollTiming)
     on_completed: Callable[[str], None] | None = None
     on_polled: Callable[[], None] | None = None
+    on_error: Callable[[str, Exception], None] | None = None
     repeat: bool = True
     clock: Clock = time.monotonic
     sleep: Sleep = asyncio.sleep
@@ -85,6 +93,9 @@ class Poller:
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _closed: bool = False
     _busy: int = 0
+    #: Unforeseen errors in a row, per job; a job that reaches ``policy.attempts`` is let be.
+    _errors: Counter[str] = field(default_factory=Counter)
+    _let_be: set[str] = field(default_factory=set)
 
     def add(self, job_id: str, task_id: str, *, delay: float | None = None) -> None:
         """Schedule a task's first poll (default: ``timing.first`` from now)."""
@@ -99,8 +110,8 @@ class Poller:
 
     @property
     def waiting(self) -> int:
-        """Tasks not yet terminal."""
-        return len(self._heap) + self._busy
+        """Tasks not yet terminal (those let be after repeated unforeseen errors included)."""
+        return len(self._heap) + self._busy + len(self._let_be)
 
     async def work(self) -> None:
         """One polling worker; run several concurrently."""
@@ -108,13 +119,13 @@ class Poller:
             _, _, job_id, task_id, gap = item
             self._busy += 1
             try:
-                state = await self._poll(job_id, task_id)
+                state = await self._poll_once(job_id, task_id)
             finally:
                 self._busy -= 1
             # not_found is final too: the API will never know the task again.
             ended = state is not None and (state.terminal or state.status == "not_found")
             lost = state is None and (self.fatal is not None or self.stop.is_set())
-            if self.repeat and not ended and not lost:
+            if self.repeat and not ended and not lost and job_id not in self._let_be:
                 # A task resumed with no delay still waits ``first`` before its second poll.
                 grown = max(gap * self.timing.growth, self.timing.first, 0.001)
                 self.add(job_id, task_id, delay=min(self.timing.interval, grown))
@@ -153,12 +164,37 @@ class Poller:
             for wait in waits:
                 wait.cancel()
 
+    async def _poll_once(self, job_id: str, task_id: str) -> TaskState | None:
+        """``_poll``, cut at the deadline; an error nobody foresaw leaves the task pollable."""
+        cut = cut_at(self.timing.deadline, self.clock)
+        try:
+            async with cut:
+                state = await self._poll(job_id, task_id)
+        except TimeoutError:
+            if not cut.expired():
+                raise
+            return None  # the deadline: the task stays as recorded, still running
+        except LedgerError:
+            raise  # our own record is broken: that stops the run
+        except Exception as exc:  # noqa: BLE001 - one task's surprise must not stop the others
+            self.counts["poll errors"] += 1
+            self._errors[job_id] += 1
+            if self._errors[job_id] >= self.policy.attempts:
+                self._let_be.add(job_id)  # a later 'status' tries again
+            if self.on_error is not None:
+                self.on_error(job_id, exc)
+            return None
+        if state is not None:
+            self._errors.pop(job_id, None)
+        return state
+
     async def _poll(self, job_id: str, task_id: str) -> TaskState | None:
         """Poll once (with retries for transient errors); record a row if anything changed."""
         try:
             state = await retrying(
                 partial(self.client.get_task, task_id), limiter=self.limiter,
                 policy=self.policy, stop=self.stop, clock=self.clock, sleep=self.sleep,
+                deadline=self.timing.deadline,
             )
         except Stopped:
             return None  # never sent: the run is ending

@@ -5,18 +5,23 @@ requests in flight, an optional requests-per-second rate, and an adaptive limit
 that halves when the API answers 429 (with a pause shared by all workers, so they
 do not retry in lockstep) and grows back by one per window of successes.
 ``run_pool`` feeds items to N workers without creating a task per item up front,
-so memory stays flat in the number of jobs.
+so memory stays flat in the number of jobs; an error nobody foresaw in one item's work
+ends that item only. ``cut_at`` and ``retrying(deadline=...)`` keep every wait of a
+stage inside its ``--deadline``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
+import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import TypeVar
 
 from runner.errors import RetryableError
@@ -175,13 +180,16 @@ async def retrying(
     stop: asyncio.Event | None = None,
     clock: Clock = time.monotonic,
     sleep: Sleep = asyncio.sleep,
+    deadline: float | None = None,
 ) -> T:
     """Run ``call`` in a limiter slot, resending it after a ``RetryableError`` per ``policy``.
 
     For requests that are safe to resend (reads, and refusals before processing): a 429
     pauses every worker through the limiter; other errors back off with jitter. The last
-    ``RetryableError`` is raised when the policy or a stop says enough; any other error
-    is raised at once. ``Stopped`` means ``stop`` was set before a send could start.
+    ``RetryableError`` is raised when the policy or a stop says enough, or when the wait
+    before the next try (a ``Retry-After`` included) would not end before ``deadline`` (a
+    ``clock`` time); any other error is raised at once. ``Stopped`` means ``stop`` was set
+    before a send could start.
     """
     started = clock()
     attempt = 0
@@ -192,11 +200,15 @@ async def retrying(
                 result = await call()
         except RetryableError as exc:
             wait = policy.wait(attempt, exc.retry_after)
+            left = deadline - clock() if deadline is not None else math.inf
+            late = wait >= left  # a wait that outlasts the deadline is no retry
             if exc.status == 429:
-                limiter.throttled(wait)
+                # Shared by every worker: nobody waits past the deadline in the pause either.
+                limiter.throttled(max(0.0, min(wait, left)))
                 wait = 0.0  # the limiter's shared pause is the wait
             stopped = stop is not None and stop.is_set()
-            if attempt >= policy.attempts or clock() - started >= policy.timeout or stopped:
+            if (attempt >= policy.attempts or clock() - started >= policy.timeout or stopped
+                    or late):
                 raise
             with contextlib.suppress(Stopped):
                 await sleep_unless(stop, wait, sleep)
@@ -205,30 +217,81 @@ async def retrying(
         return result
 
 
+def cut_at(deadline: float | None, clock: Clock = time.monotonic) -> asyncio.Timeout:
+    """An ``asyncio.timeout`` that fires at ``deadline``, a ``clock`` time (None: never).
+
+    The loop's own monotonic clock times it: ``clock`` only says how far away it is.
+    Check ``expired()`` to tell its ``TimeoutError`` from one of the code inside.
+    """
+    if deadline is None:
+        return asyncio.timeout(None)
+    return asyncio.timeout(max(0.0, deadline - clock()))
+
+
+def describe(exc: BaseException) -> str:
+    """An error nobody foresaw, for a person: its class and the line of ours that raised it.
+
+    Never its text: that may quote a server's answer, and so a key the server echoed.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if Path(f.filename).parent == _PACKAGE]
+    if not (ours or frames):
+        return type(exc).__name__
+    frame = (ours or frames)[-1]
+    where = f"{'runner/' if ours else ''}{Path(frame.filename).name}:{frame.lineno}"
+    return f"{type(exc).__name__} at {where}"
+
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
 async def run_pool(
     items: Iterable[T],
     work: Callable[[T], Awaitable[None]],
     *,
     workers: int,
     stop: asyncio.Event,
+    on_error: Callable[[T, Exception], None] | None = None,
 ) -> None:
     """Run ``work`` on each item with ``workers`` coroutines; no new item after ``stop``.
 
     Items are pulled lazily from one shared iterator, so a million jobs cost a
     million iterations, not a million tasks.
+
+    An ``Exception`` escaping ``work(item)`` (``Stopped`` aside: that item never started)
+    ends that item only: ``on_error(item, exc)`` is called at once, in the worker that ran
+    it, and the worker takes the next item; the others never notice. Without ``on_error``,
+    or when ``on_error`` raises, the pool winds down instead: no new item starts, the
+    items in flight finish, then the first such exception is raised. Cancellation is
+    never caught.
     """
     iterator = iter(items)
+    failures: list[Exception] = []
 
     async def worker() -> None:
-        while not stop.is_set():
+        while not stop.is_set() and not failures:
             item = next(iterator, _DONE)
             if item is _DONE:
                 return
-            await work(item)  # type: ignore[arg-type]
+            try:
+                await work(item)  # type: ignore[arg-type]
+            except Stopped:
+                continue  # never sent: the loop sees the stop
+            except Exception as exc:  # noqa: BLE001 - the point: one item's bug ends one item
+                if on_error is None:
+                    failures.append(exc)
+                    return
+                try:
+                    on_error(item, exc)  # type: ignore[arg-type]
+                except Exception as error:  # noqa: BLE001 - raised below, once in-flight ends
+                    failures.append(error)
+                    return
 
     async with asyncio.TaskGroup() as group:
         for _ in range(workers):
             group.create_task(worker())
+    if failures:
+        raise failures[0]
 
 
 _DONE = object()
