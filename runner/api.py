@@ -309,7 +309,7 @@ class Client:
                     size += len(chunk)
         except ApiError:
             raise
-        except _TRANSPORT_ERRORS as exc:
+        except (*_TRANSPORT_ERRORS, *_PARSE_ERRORS) as exc:
             error, cause = self._failed(exc, what, sent=False)
         else:
             if expected is not None and size != expected:
