@@ -174,18 +174,18 @@ class Submitter:
                 self._fail(job, "error", attempt - 1, pending, maybe_created)
             except RetryableError as exc:
                 if exc.status == 429:
-                    self.limiter.throttled(self.policy.wait(attempt, exc.retry_after))
+                    self.limiter.throttled(self._wait(attempt, exc, started))
                 if self._may_retry(attempt, started):
                     pending = exc
                     if exc.status != 429:
-                        await self._pause(self.policy.wait(attempt, exc.retry_after))
+                        await self._pause(self._wait(attempt, exc, started))
                     continue
                 self._fail(job, "error", attempt, exc, maybe_created)
             except AmbiguousError as exc:
                 maybe_created = exc
                 if self.retry_ambiguous and self._may_retry(attempt, started):
                     pending = exc
-                    await self._pause(self.policy.wait(attempt, exc.retry_after))
+                    await self._pause(self._wait(attempt, exc, started))
                     continue
                 self._fail(job, "unknown", attempt, exc, maybe_created)
             except ModelUnavailableError as exc:
@@ -212,6 +212,10 @@ class Submitter:
                     raise LedgerError(msg) from exc
                 self.counts["submitted"] += 1
             return True
+
+    def _wait(self, attempt: int, exc: ApiError, started: float) -> float:
+        """The backoff before the next try: never past what is left of the policy's time."""
+        return self.policy.wait(attempt, exc.retry_after, elapsed=self.clock() - started)
 
     async def _pause(self, seconds: float) -> None:
         """Back off before a retry; a stop ends the pause early (the next slot says Stopped)."""
