@@ -517,9 +517,16 @@ def _matrix_value(key: str, value: Any) -> Any:
 
 
 def _count(repeat: Any) -> int:
-    """``repeat`` as a count; an invalid one (reported by the schema) counts as 1."""
-    valid = isinstance(repeat, int | float) and not isinstance(repeat, bool) and repeat >= 1
-    return int(repeat) if valid and float(repeat).is_integer() else 1
+    """``repeat`` as a count; an invalid one (reported by the schema) counts as 1.
+
+    Integers stay integers (a 400-digit count must not go through float); an integral
+    float counts only while it is finite.
+    """
+    if isinstance(repeat, bool) or not isinstance(repeat, int | float):
+        return 1
+    if isinstance(repeat, float) and not (math.isfinite(repeat) and repeat.is_integer()):
+        return 1
+    return int(repeat) if repeat >= 1 else 1
 
 
 def _digest(value: Any) -> str:
