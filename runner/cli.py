@@ -37,8 +37,9 @@ EXIT_CODES = """\
 exit codes:
   0    every job submitted or already done (jobs held back by --max-jobs are fine)
   1    some jobs rejected, error, unknown, changed, failed, cancelled or not_found;
-       stopped at --budget; tasks of another API left alone; or (with --wait, and for
-       download) videos not on disk yet
+       a model the API does not serve (its jobs are 'error'); stopped at --budget;
+       tasks of another API left alone; or (with --wait, and for download) videos
+       not on disk yet
   2    invalid usage, manifest or ledger: nothing was sent (or, if the ledger
        became unwritable mid-run, nothing more; the message names any task id)
   3    stopped by the API: key, permission or balance
@@ -190,8 +191,10 @@ def _add_unknown_model_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _add_price_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--price", action="append", default=[], metavar="MODEL/RES=USD",
-                   help="override a per-second price estimate, e.g. sora-2-pro/1080p=0.6")
+    p.add_argument("--price", action="append", default=[], metavar="KEY=USD",
+                   help="a per-second price estimate for MODEL/RESOLUTION or a whole MODEL, "
+                        "e.g. wan2.7/1080P=0.1 or kling-v3=0.08 (repeatable; 'models' shows "
+                        "which prices are unknown)")
 
 
 def _add_media_flags(p: argparse.ArgumentParser, *, out: bool = True, poll: bool = True) -> None:
