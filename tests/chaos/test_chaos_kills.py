@@ -60,6 +60,7 @@ class Figures:
     write_ahead_unknown: int = 0
     tracebacks: int = 0
     hangs: int = 0
+    startup_deaths: int = 0
     leaks: int = 0
     scanned: int = 0
     violations: list[str] = field(default_factory=list)
@@ -77,6 +78,16 @@ def write_chaos_manifest(folder: Path, name: str, count: int) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     return path
+
+
+def handled(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` right now (SigCgt in /proc)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return False
+    caught = next(line.split()[1] for line in lines if line.startswith("SigCgt:"))
+    return bool(int(caught, 16) & (1 << (signum - 1)))
 
 
 def settled_stats(server: MockServer) -> dict:
@@ -105,6 +116,8 @@ class Episode:
                      "--summary-json", "summary.json"]
         self.ambiguous: set[str] = set()
         self.seen: set[str] = set()
+        self.handled = False
+        self.submitting: set[tuple[str, str]] = set()
         self.duplicated: set[str] = set()
         self.lost: set[str] = set()
 
@@ -114,30 +127,36 @@ class Episode:
             self.figures.violations.append(f"{self.folder.name} round {self.figures.rounds}: "
                                            f"{text}")
 
+    def size(self) -> int:
+        """The ledger's size in bytes (0 before it exists)."""
+        return self.ledger.stat().st_size if self.ledger.exists() else 0
+
     def attack(self, rng: random.Random) -> None:
         """One round: start ``run --wait``, signal it at a random moment, check everything."""
         self.figures.rounds += 1
         signum = rng.choice(SIGNALS)
         early = rng.random() < 0.3  # during start-up: imports, manifest load, ledger open
-        before = self.ledger.stat().st_size if self.ledger.exists() else 0
+        before = self.size()
         process = start(self.folder, *self.args, "--wait")
         if early:
             time.sleep(rng.uniform(0.0, 0.45))
         else:
             deadline = time.monotonic() + 15
             while process.poll() is None and time.monotonic() < deadline:
-                if self.ledger.exists() and self.ledger.stat().st_size > before:
+                if self.size() > before:
                     break
                 time.sleep(0.005)
             time.sleep(rng.uniform(0.0, 0.4))
         signalled = process.poll() is None
         if signalled:
+            self.handled = handled(process.pid, signum)
             process.send_signal(signum)
             self.figures.kills[signal.Signals(signum).name] += 1
         moment = ("early" if early else "late") if signalled else "unsignalled"
-        self.end(process, signum if signalled else None, moment=moment)
+        self.end(process, signum if signalled else None, moment=moment, before=before)
 
-    def end(self, process: subprocess.Popen[str], signum: int | None, moment: str) -> Check:
+    def end(self, process: subprocess.Popen[str], signum: int | None, moment: str,
+            before: int = -1) -> Check:
         """Collect a process, judge its exit, and check the invariants after it."""
         what = f"{signal.Signals(signum).name} ({moment})" if signum else f"a {moment} run"
         hung = False
@@ -155,7 +174,12 @@ class Episode:
             self.figures.tracebacks += 1
             self.violation(f"{what}: exit {code} with a traceback: {err.strip().splitlines()[-1]}")
         outright = hung or signum == signal.SIGKILL or code < 0
-        if signum in GRACEFUL and code not in GRACEFUL[signum] and not hung:
+        quiet = not err and self.size() == before and not self.handled
+        if signum in GRACEFUL and code == -signum and quiet:
+            # Killed by the default action, having written nothing: the signal came while
+            # the interpreter itself started, before any code of ours could handle it.
+            self.figures.startup_deaths += 1
+        elif signum in GRACEFUL and code not in GRACEFUL[signum] and not hung:
             self.violation(f"{what}: exit {code}, expected one of {sorted(GRACEFUL[signum])}")
         elif signum is None and code not in (0, 1):
             self.violation(f"{what}: exit {code}: {err.strip()[-300:]}")
@@ -179,10 +203,12 @@ class Episode:
             self.figures.wrongly_unknown += len(unsent)
             self.violation(f"after {what}: unknown, yet never created on the server: "
                            f"{', '.join(sorted(unsent))}")
-        if graceful_exit and (left := sorted(j for j, row in check.latest.items()
-                                             if row["status"] == "submitting")):
-            self.violation(f"after {what}: a graceful exit left 'submitting' rows: {left}")
-        self.ambiguous = check.ambiguous
+        submitting = {(job, row["time"]) for job, row in check.latest.items()
+                      if row["status"] == "submitting"}
+        # Rows of an earlier, killed run stay 'submitting' until a run opens the ledger.
+        if graceful_exit and (left := sorted(job for job, _ in submitting - self.submitting)):
+            self.violation(f"after {what}: a graceful exit left its 'submitting' rows: {left}")
+        self.ambiguous, self.submitting = check.ambiguous, submitting
         return check
 
     def finish(self) -> None:

@@ -229,6 +229,8 @@ CASES: list[tuple[str, Make, Outcome, str | None]] = [
     ("blank-lines", _insert(7, "\r\n\n"), Accepted(), None),
     ("trailing-blank-lines", _append(lambda w: b"\r\n\r\n\n"), Accepted(), None),
     ("every-cell-quoted", _quote_all, Accepted(), None),
+    # free text may hold any character the API sent, NUL included
+    ("nul-in-error-text", _cell(7, "error", "mod\0eration"), Accepted(), None),
     ("columns-reordered", _columns(list(reversed(COLUMNS))), Accepted(), None),
     ("extra-unknown-column", _columns([*COLUMNS, "notes"]), Accepted(), None),
     ("older-version-columns",
@@ -281,7 +283,8 @@ CASES: list[tuple[str, Make, Outcome, str | None]] = [
     ("row-with-extra-cells", _with_line(7, lambda s: s.rstrip("\r\n") + ",x,y\r\n"), Refused(7),
      FINDING_2),
     ("row-cut-mid-file", _with_line(7, lambda s: s[:60] + "\r\n"), Refused(7), FINDING_2),
-    ("nul-in-a-cell", _cell(7, "error", "mod\0eration"), Refused(7), FINDING_2),
+    ("nul-in-a-task-id", _cell(7, "task_id", "task\0_1"), Refused(7), FINDING_2),
+    ("nul-in-a-status", _cell(7, "status", "fail\0ed"), Refused(7), FINDING_2),
     ("open-quote-mid-file", _with_line(7, lambda s: s.replace(",failed,", ',"failed,')),
      Refused(), None),
     ("invalid-utf8", lambda w: w.text().encode().replace(b"moderation", b"mod\xffration"),
