@@ -70,8 +70,9 @@ class Poller:
 
     ``on_completed`` is called with the job id of each task that reaches ``completed``
     (the download stage hooks in there); ``on_polled`` after every poll (progress display);
-    ``on_error`` with the job id and the exception of each poll that failed in a way
-    nobody foresaw (the task stays pollable; counted as a poll error).
+    ``on_error`` with the job id and the exception when a task's poll fails in a way
+    nobody foresaw, the first time in a row (the task stays pollable; every such failure
+    counts as a poll error). None of the three may raise.
     """
 
     client: Client
@@ -181,8 +182,8 @@ class Poller:
             self._errors[job_id] += 1
             if self._errors[job_id] >= self.policy.attempts:
                 self._let_be.add(job_id)  # a later 'status' tries again
-            if self.on_error is not None:
-                self.on_error(job_id, exc)
+            if self.on_error is not None and self._errors[job_id] == 1:
+                self.on_error(job_id, exc)  # once per run of errors: the same one again is noise
             return None
         if state is not None:
             self._errors.pop(job_id, None)

@@ -8,6 +8,8 @@ loops of random moments are ``slow``; each process is bounded in time.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import random
 import signal
 import subprocess
@@ -126,14 +128,31 @@ def test_mock_server_ends_on_a_signal_with_its_code(tmp_path, signum):
     assert process.returncode == entry.exit_code(signum)
 
 
-def test_a_second_signal_while_an_early_one_unwinds_still_exits_with_the_first(tmp_path):
-    """SIGTERM then SIGINT during start-up: the first decides the code, nothing is printed twice."""
+def test_two_signals_during_start_up_end_it_once(tmp_path):
+    """SIGTERM and SIGINT together while importing: one line, the code of one of them."""
     process = start(tmp_path, "validate", write_manifest(tmp_path, 1))
     process.send_signal(signal.SIGTERM)
-    delivered(process, signal.SIGTERM)  # two pending signals arrive lowest number first
     process.send_signal(signal.SIGINT)
-    finish(process)
-    assert process.returncode == 143
+    _, err = finish(process)
+    # Python runs the handlers of signals caught between two instructions by number, so
+    # which came "first" is not for the sender to say.
+    name = {130: "SIGINT", 143: "SIGTERM"}[process.returncode]
+    assert err == f"apimart-batch: interrupted by {name}\n"
+
+
+async def test_routed_hands_each_signal_to_the_phase_then_gives_the_handlers_back():
+    """In-process: inside the block a signal reaches the route; after it, the old handler."""
+    before = signal.getsignal(signal.SIGTERM)
+    got: list[int] = []
+    with entry.routed(got.append):
+        assert signal.getsignal(signal.SIGTERM) is not before
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):
+            if got:
+                break
+            await asyncio.sleep(0.001)
+    assert got == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 # -- random moments --------------------------------------------------------------------------
@@ -156,7 +175,8 @@ SCENARIOS: dict[str, tuple[Scenario, float]] = {
     "run-mock-wait": (lambda folder: ["run", write_manifest(folder, 4), "--mock", "--wait",
                                       "--interval", "0.5"], 5.0),
 }
-ROUNDS = 25
+#: Rounds per scenario; SIGNAL_ROUNDS=100 for a longer run.
+ROUNDS = int(os.environ.get("SIGNAL_ROUNDS", "25"))
 
 
 @pytest.mark.slow
@@ -170,6 +190,7 @@ def test_signals_at_random_moments_give_the_documented_code(tmp_path, scenario):
     make, span = SCENARIOS[scenario]
     rng = random.Random(f"signals-{scenario}")
     outcomes: Counter[tuple[str, int]] = Counter()
+    sent = 0
     for round_ in range(ROUNDS):
         folder = tmp_path / f"round-{round_}"
         folder.mkdir()
@@ -178,15 +199,21 @@ def test_signals_at_random_moments_give_the_documented_code(tmp_path, scenario):
         time.sleep(rng.uniform(0.0, span))
         first = rng.choice([signal.SIGINT, signal.SIGTERM])
         process.send_signal(first)
+        sent += 1
+        codes = {0, entry.exit_code(first)}
         twice = rng.random() < 0.3
         if twice:
             delivered(process, first)
             time.sleep(rng.uniform(0.0, 0.2))
             if process.poll() is None:
-                process.send_signal(rng.choice([signal.SIGINT, signal.SIGTERM]))
+                second = rng.choice([signal.SIGINT, signal.SIGTERM])
+                process.send_signal(second)
+                sent += 1
+                # Both may be pending when Python runs its handlers, which go by number.
+                codes.add(entry.exit_code(second))
         _, err = finish(process)
         outcomes[(signal.Signals(first).name, process.returncode)] += 1
-        assert process.returncode in (0, entry.exit_code(first)), err
+        assert process.returncode in codes, err
         if argv[0] != "run":
             continue
         if process.returncode:
@@ -196,4 +223,4 @@ def test_signals_at_random_moments_give_the_documented_code(tmp_path, scenario):
             assert not {"submitting", "unknown"} & set(statuses(ledgers[0])), err
     # Both ends are reached: some runs were cut, and (for short ones) some finished first.
     assert sum(n for (_, code), n in outcomes.items() if code) > 0, outcomes
-    print(f"{scenario}: {ROUNDS} rounds, outcomes {dict(outcomes)}")
+    print(f"{scenario}: {ROUNDS} rounds, {sent} signals, exit codes {dict(outcomes)}")
