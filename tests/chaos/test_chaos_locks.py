@@ -57,8 +57,7 @@ ALIASES: dict[str, Callable[[Path], tuple[str, str]]] = {
     "symlinked-directory": _symlinked_dir,
     "bind-mount": _bind_mount,
 }
-#: Aliases that got a lock of their own before issue 8 (finding 1).
-PATH_KEYED = {"symlink", "hard-link"}
+# symlink and hard-link got a lock of their own before issue 8 (finding 1).
 
 
 @pytest.fixture
@@ -69,16 +68,7 @@ def unmount(tmp_path: Path) -> Iterator[None]:
         subprocess.run(["umount", str(tmp_path / "mnt")], check=False)  # noqa: S607
 
 
-def _params() -> list[object]:
-    return [
-        pytest.param(name, id=name, marks=pytest.mark.xfail(
-            strict=True, reason="issue 8 finding 1 (lock keyed on the path), fix in progress"))
-        if name in PATH_KEYED else pytest.param(name, id=name)
-        for name in ALIASES
-    ]
-
-
-@pytest.mark.parametrize("alias", _params())
+@pytest.mark.parametrize("alias", list(ALIASES))
 def test_two_runs_on_aliases_of_one_ledger(mock_server, tmp_path: Path, unmount: None,
                                            alias: str) -> None:
     """While a run holds the ledger under one name, a run under another name exits 75."""
@@ -105,7 +95,7 @@ def test_two_runs_on_aliases_of_one_ledger(mock_server, tmp_path: Path, unmount:
     assert not scan.leaks
 
 
-@pytest.mark.parametrize("alias", _params())
+@pytest.mark.parametrize("alias", list(ALIASES))
 def test_a_held_alias_locks_the_real_name(tmp_path: Path, unmount: None, alias: str) -> None:
     """The other way round: the ledger opened under its alias; a run on its real name exits 75."""
     manifest = write_manifest(tmp_path, 2)
@@ -119,11 +109,8 @@ def test_a_held_alias_locks_the_real_name(tmp_path: Path, unmount: None, alias: 
     assert "Traceback" not in other.stderr
 
 
-@pytest.mark.parametrize("target", [
-    pytest.param("header-only", id="header-only"),
-    pytest.param("empty", id="empty", marks=pytest.mark.xfail(
-        strict=True, reason="issue 8 finding 1 (a symlinked ledger is followed), fix in progress")),
-])
+# "empty": the creating rewrite replaced the link by a file before issue 8 (finding 1).
+@pytest.mark.parametrize("target", ["header-only", "empty"])
 def test_a_symlinked_ledger_stays_a_symlink(mock_server, tmp_path: Path, target: str) -> None:
     """A run through a symlink writes its rows into the target and leaves the link a link."""
     server = mock_server()
