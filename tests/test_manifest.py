@@ -513,7 +513,8 @@ def test_valid_matrices_expand_to_unique_ids(
         "jobs": [{"repeat": repeat, "matrix": {"prompt": prompts, "duration": durations}}],
     }
     path = scratch / "matrix.yaml"
-    path.write_text(yaml.safe_dump(document, allow_unicode=True), encoding="utf-8")
+    # JSON is YAML 1.2, as the loader reads it; PyYAML would write '0E0' unquoted (YAML 1.1).
+    path.write_text(json.dumps(document, ensure_ascii=False), encoding="utf-8")
     (manifest,) = load_manifests([str(path)])
     ids = [job.job_id for job in manifest.jobs]
     assert len(ids) == len(set(ids)) == len(prompts) * len(durations) * repeat
