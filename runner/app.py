@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Coroutine, Mapping, Sequence
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from runner import pricing
@@ -33,6 +34,7 @@ from runner.lifecycle import (
     prepare_out,
     show_progress,
     warn_other_targets,
+    warn_unforeseen,
 )
 from runner.manifest import Manifest, load_manifests
 from runner.models import Job
@@ -114,6 +116,7 @@ class Outcome:
     changed: list[Decision] = field(default_factory=list)
     held_by_max_jobs: int = 0
     held_by_budget: int = 0
+    held_by_deadline: int = 0
     not_started: int = 0
     still_running: int = 0
     other_target: int = 0
@@ -255,13 +258,22 @@ async def _submit_all(
         # A --mock rerun serves earlier runs' video links from this process's emulator.
         media = Media(client, ledgers, config, stop, limiter, out=out,
                       base_url=_recorded_base_url(config),
-                      origin=client.base_url if config.mock else None)
+                      origin=client.base_url if config.mock else None,
+                      on_error=partial(warn_unforeseen, console))
     started = time.monotonic()
     done = 0
     console.start_progress(len(jobs), "submitting")
 
+    deadline = config.timing.deadline
+
     async def work(job: Job) -> None:
         nonlocal done
+        if deadline is not None and time.monotonic() >= deadline:
+            # --deadline bounds the command: no new purchase starts after it (a POST in
+            # flight is never cut, since a cut POST is 'unknown').
+            outcome.held_by_deadline += 1
+            done += 1
+            return
         if not await submitter(job):
             return  # the run stopped while it waited for its turn: not sent, no row
         done += 1
@@ -355,6 +367,7 @@ def _finish(
         "unknown": unknown,
         "held_by_max_jobs": outcome.held_by_max_jobs,
         "held_by_budget": outcome.held_by_budget,
+        "held_by_deadline": outcome.held_by_deadline,
         "not_started": outcome.not_started,
         "estimated_cost_usd": round(outcome.estimate, 2),
         "unpriced_jobs": outcome.unpriced,
@@ -376,7 +389,8 @@ def _exit_code(outcome: Outcome, states: Mapping[str, int], *, wait: bool) -> in
         return EXIT_API_STOPPED
     # With --wait, the run promised videos on disk: anything short of that needs a rerun.
     unfinished = (POLLABLE_STATES | {"completed"}) if wait else frozenset()
-    if outcome.held_by_budget or outcome.changed or outcome.other_target or any(
+    held = outcome.held_by_budget or outcome.held_by_deadline
+    if held or outcome.changed or outcome.other_target or any(
         states.get(s) for s in NEEDS_ACTION | unfinished
     ):
         return EXIT_JOBS_FAILED
@@ -395,6 +409,8 @@ def _print_summary(
         parts.append(f"{outcome.held_by_max_jobs} held back by --max-jobs")
     if outcome.held_by_budget:
         parts.append(f"{outcome.held_by_budget} held back by --budget")
+    if outcome.held_by_deadline:
+        parts.append(f"{outcome.held_by_deadline} not started before --deadline")
     if outcome.changed:
         parts.append(f"{len(outcome.changed)} changed (not resubmitted)")
     if outcome.still_running:

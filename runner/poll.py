@@ -204,6 +204,13 @@ class Poller:
                 self.counts["poll errors"] += 1
             return None  # try again at the next scheduled poll
         except RejectedError as exc:
+            if exc.code == "invalid_task_id":
+                # Nothing was sent: one damaged id must not end the run. It is left as it
+                # is recorded, and no longer polled in this run.
+                self.counts["poll errors"] += 1
+                if self.on_error is not None:
+                    self.on_error(job_id, exc)
+                return TaskState(task_id=task_id, status="not_found")
             if exc.status != 400 or not _UNKNOWN_TASK.search(exc.message):
                 # Any other refusal (a 404 for every task, a 400 about the request) means a
                 # wrong target, not lost tasks: stop, and record nothing a later poll could

@@ -6,28 +6,34 @@ emulator validates every body with the same catalog schema.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import csv
 import io
 import json
 import shutil
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
+from jobfactory import make_job
 
 from runner import app
-from runner.api import Secret
+from runner.api import Client, Secret
 from runner.app import RunConfig
 from runner.console import Console
 from runner.errors import ManifestError
-from runner.ledger import read_latest
+from runner.ledger import open_ledger, read_latest
 from runner.manifest import load_manifests
 from runner.plan import plan_json, render_plan
+from runner.poll import Poller, PollTiming
 from runner.pricing import merged_prices
 from runner.retry import RetryPolicy
+from runner.schedule import Limiter
+from runner.submit import Submitter
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "data" / "v0.1"
@@ -335,9 +341,6 @@ async def test_an_unforeseen_failure_of_one_job_is_recorded_and_the_others_go_on
     emulator, tmp_path, monkeypatch, where: str, status: str
 ) -> None:
     """A bug in one job's submission: 'error' before the POST, 'unknown' once it may have left."""
-    from runner.api import Client
-    from runner.submit import Submitter
-
     srv = await emulator(key=KEY)
     jobs = "  - {id: a, prompt: one}\n  - {id: boom, prompt: two}\n  - {id: c, prompt: three}\n"
     path = write(tmp_path, "version: 1\ndefaults: {model: wan2.7}\njobs:\n" + jobs)
@@ -356,3 +359,34 @@ async def test_an_unforeseen_failure_of_one_job_is_recorded_and_the_others_go_on
     assert "TypeError: a bug nobody foresaw" in rows["boom"]["error"]
     assert rows["a"]["status"] == rows["c"]["status"] == "submitted"
     assert code == 1
+
+
+async def test_a_damaged_task_id_is_skipped_without_ending_the_poll_run(emulator, tmp_path) -> None:
+    """A task id the client refuses to send: that task is left alone, the others are polled."""
+    srv = await emulator(key=KEY)
+    seen: list[str] = []
+    with open_ledger(tmp_path / "l.csv", mock=False, base_url=srv.base_url) as ledger:
+        async with Client(srv.base_url, Secret(KEY)) as client:
+            job = make_job("ok", model="wan2.7", prompt="a lake", manifest_name="m")
+            task = (await client.submit(job)).task_id
+            poller = Poller(client, ledger, Limiter(2), NO_WAIT, asyncio.Event(),
+                            PollTiming(first=0.0, interval=0.0), repeat=False,
+                            on_error=lambda job, exc: seen.append(job))
+            poller.add("bad", "../../v1/balance", delay=0.0)
+            poller.add("ok", task, delay=0.0)
+            poller.close()
+            await asyncio.wait_for(poller.work(), 10)
+        assert poller.fatal is None and seen == ["bad"]
+        assert ledger.latest["ok"]["status"] in ("pending", "processing", "completed")
+        assert "bad" not in ledger.latest
+
+
+async def test_no_new_job_starts_after_the_deadline(emulator, tmp_path) -> None:
+    """--deadline already passed: nothing is bought, every job is held and the run exits 1."""
+    srv = await emulator(key=KEY)
+    path = write(tmp_path, "version: 1\ndefaults: {model: wan2.7}\njobs:\n"
+                 "  - {id: a, prompt: one}\n  - {id: b, prompt: two}\n")  # fmt: skip
+    timing = PollTiming(deadline=time.monotonic() - 1.0)
+    code, summary, _ = await run(srv, path, timing=timing)
+    assert code == 1 and summary["held_by_deadline"] == 2
+    assert srv.emulator.stats()["requests"].get("submit", 0) == 0
