@@ -207,7 +207,9 @@ def _add_media_flags(p: argparse.ArgumentParser, *, out: bool = True, poll: bool
                             "--mock tasks; the first poll comes 10 s after submission, then the "
                             "pause grows)")
         p.add_argument("--deadline", type=_positive_float, metavar="S",
-                       help="stop waiting after S seconds; unfinished tasks stay recorded")
+                       help="end after S seconds: no wait, poll or download goes past it, no "
+                            "new job is submitted after it (a POST already sent is answered); "
+                            "unfinished tasks stay recorded for a later run")
 
 
 def _timing(args: argparse.Namespace, *, mock: bool) -> PollTiming:
