@@ -404,7 +404,9 @@ def _require_regular(path: Path) -> None:
 def iter_rows(path: str | os.PathLike[str]) -> Iterator[dict[str, str]]:
     """Yield every row of the ledger at ``path`` in file order, without locking or repairing it.
 
-    A row cut short at the end (a crash, or a run writing right now) is skipped.
+    A row cut short at the end (a crash, or a run writing right now) is skipped, and an
+    empty file (a run creating the ledger right now: it locks the file, then writes the
+    header) has no rows.
     """
     path = Path(path)
     _require_regular(path)
@@ -413,6 +415,8 @@ def iter_rows(path: str | os.PathLike[str]) -> Iterator[dict[str, str]]:
     except OSError as exc:
         raise _error(path, f"cannot read ({exc.strerror})", "check the path") from exc
     with file:
+        if os.fstat(file.fileno()).st_size == 0:
+            return
         yield from _Scan(file, path).rows()
 
 

@@ -541,3 +541,10 @@ def test_a_file_replaced_while_being_locked_is_locked_again(
         assert set(ledger.latest) == {"new"}
         ledger.append("mine", status="submitting")
     assert set(read_latest(path)) == {"new", "mine"}
+
+
+def test_an_empty_file_being_created_reads_as_no_rows(tmp_path: Path) -> None:
+    """A reader racing a run that has created, but not yet written, the ledger sees no rows."""
+    path = tmp_path / "l.csv"
+    path.write_bytes(b"")
+    assert read_latest(path) == {}
