@@ -163,20 +163,16 @@ class Echo:
 
 
 @pytest.fixture
-async def echo() -> AsyncIterator[Echo]:
+async def echo(aiohttp_server: Any) -> Echo:
     """An ``Echo`` server on 127.0.0.1, answering the legacy submit success by default."""
     server = Echo()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", server.handle)
-    # Cancelled handlers end a late answer as soon as the timed-out client hangs up.
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    server.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
-        yield server
-    finally:
-        await runner.cleanup()
+    # aiohttp's test server cancels a handler when its client hangs up: a late answer ends
+    # as soon as the timed-out client is gone.
+    running = await aiohttp_server(app)
+    server.base_url = str(running.make_url("")).rstrip("/")
+    return server
 
 
 @pytest.fixture

@@ -204,15 +204,13 @@ class Hostile:
 
 
 @pytest.fixture
-async def hostile() -> AsyncIterator[Hostile]:
+async def hostile(aiohttp_server: Any) -> AsyncIterator[Hostile]:
     """Both hostile servers, started on 127.0.0.1 and stopped after the test."""
     server = Hostile()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", server.handle)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    server.web_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    running = await aiohttp_server(app)  # its handlers are cancelled when a client hangs up
+    server.web_url = str(running.make_url("")).rstrip("/")
     raw = await asyncio.start_server(server.handle_raw, "127.0.0.1", 0)
     server.raw_url = f"http://127.0.0.1:{raw.sockets[0].getsockname()[1]}"
     try:
@@ -220,7 +218,6 @@ async def hostile() -> AsyncIterator[Hostile]:
     finally:
         raw.close()
         await raw.wait_closed()
-        await runner.cleanup()
 
 
 @pytest.fixture
