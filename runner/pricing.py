@@ -63,12 +63,6 @@ def built_in_labels() -> Mapping[str, str]:
     return _built_in()[1]
 
 
-def built_in_sources() -> Mapping[str, str]:
-    """The full ``source`` text of every built-in price, by key."""
-    data: Any = json.loads((schema_dir() / PRICES_FILE).read_text(encoding="utf-8"))
-    return {entry["key"]: entry.get("source", "") for entry in data["prices"]}
-
-
 class PriceTable(dict[str, float | None]):
     """USD per second by price key (None: unknown), remembering where each came from."""
 
@@ -83,11 +77,6 @@ def price_keys(job: Job) -> tuple[str, ...]:
     """The keys that may price ``job``, most specific first."""
     resolution = job.effective_resolution
     return (f"{job.model}/{resolution}", job.model) if resolution else (job.model,)
-
-
-def price_key(model: str, resolution: str) -> str:
-    """The key of a price: ``MODEL/RESOLUTION``, e.g. ``sora-2-pro/1080p``."""
-    return f"{model}/{resolution}" if resolution else model
 
 
 def rate(job: Job, prices: Mapping[str, float | None] | None = None) -> float | None:
