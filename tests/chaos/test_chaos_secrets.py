@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -66,14 +67,10 @@ def echo_app() -> web.Application:
 
 
 @pytest.fixture
-async def echo_server() -> AsyncIterator[str]:
-    """The echo server on 127.0.0.1, its base URL."""
-    runner = web.AppRunner(echo_app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+async def echo_server(aiohttp_server: Any) -> str:
+    """The echo server on 127.0.0.1 (aiohttp's test server), its base URL."""
+    running = await aiohttp_server(echo_app())
+    return str(running.make_url("")).rstrip("/")
 
 
 Run = Callable[..., Awaitable[tuple[int, str, str]]]
