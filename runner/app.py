@@ -15,9 +15,27 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from runner import pricing
-from runner.api import DEFAULT_BASE_URL, Client, Secret, Timeouts, is_quota
+from runner.api import DEFAULT_BASE_URL, Client, RetryPolicy, Secret, Timeouts, is_quota
 from runner.console import Console
+from runner.engine import (
+    NO_VIDEO_STATES,
+    POLLABLE_STATES,
+    Decision,
+    Limiter,
+    Media,
+    PollTiming,
+    Submitter,
+    connect,
+    decide,
+    default_out,
+    interrupts,
+    merged_error,
+    prepare_out,
+    run_pool,
+    show_progress,
+    warn_other_targets,
+    warn_unforeseen,
+)
 from runner.errors import (
     EXIT_API_STOPPED,
     EXIT_JOBS_FAILED,
@@ -28,22 +46,8 @@ from runner.errors import (
     RunnerError,
 )
 from runner.ledger import Ledger, keep_synced, ledger_path, open_ledger
-from runner.lifecycle import (
-    Media,
-    default_out,
-    prepare_out,
-    show_progress,
-    warn_other_targets,
-    warn_unforeseen,
-)
-from runner.manifest import Manifest, load_manifests
+from runner.manifest import Manifest, load_manifests, pricing
 from runner.models import Job
-from runner.poll import NO_VIDEO_STATES, POLLABLE_STATES, PollTiming
-from runner.resume import Decision, decide
-from runner.retry import RetryPolicy
-from runner.runtime import connect, interrupts, merged_error
-from runner.schedule import Limiter, run_pool
-from runner.submit import Submitter
 
 #: The order of the summary's counts: the pipeline's order.
 SUMMARY_ORDER = (

@@ -18,20 +18,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from runner import __version__, emulator_config, plan, pricing, report
-from runner.api import DEFAULT_BASE_URL, Secret, api_key_from_env, key_file_warning
+from runner import __version__, emulator, report
+from runner.api import DEFAULT_BASE_URL, RetryPolicy, Secret, api_key_from_env, key_file_warning
 from runner.app import RunConfig
 from runner.app import run as run_jobs
-from runner.catalog import bundled_schema, load_catalog
 from runner.console import Console
+from runner.engine import LedgerConfig, PollTiming, decide, run_download, run_status
 from runner.errors import LedgerError, ManifestError, RunnerError, UsageError
 from runner.ledger import ledger_is_mock, ledger_path, read_latest
-from runner.lifecycle import LedgerConfig, run_download, run_status
-from runner.manifest import load_manifests
-from runner.plan import models_listing, render_models
-from runner.poll import PollTiming
-from runner.resume import decide
-from runner.retry import RetryPolicy
+from runner.manifest import bundled_schema, load_catalog, load_manifests, pricing
+from runner.report import models_listing, render_models
 
 EXIT_CODES = """\
 exit codes:
@@ -179,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("mock-server", "Run the APIMart emulator on 127.0.0.1 (for tests and demos).")
     p.add_argument("--port", type=_port, default=8765,
                    help="port on 127.0.0.1 (default 8765; 0 = any free port)")
-    emulator_config.add_arguments(p)
+    emulator.add_arguments(p)
     p.set_defaults(func=cmd_mock_server)
     return parser
 
@@ -263,9 +259,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
             if decision.verdict != "submit":
                 skipped[job.job_id] = decision.reason
     if args.json:
-        print(json.dumps(plan.plan_json(manifests, prices, skipped), indent=2, ensure_ascii=False))
+        data = report.plan_json(manifests, prices, skipped)
+        print(json.dumps(data, indent=2, ensure_ascii=False))
     else:
-        print(plan.render_plan(manifests, prices, skipped))
+        print(report.render_plan(manifests, prices, skipped))
     return 0
 
 
@@ -370,9 +367,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_mock_server(args: argparse.Namespace) -> int:
     """``mock-server``: serve the emulator until interrupted."""
-    from runner import emulator  # the server side of aiohttp loads only for this command
 
-    config = emulator_config.config_from_args(args)
+    config = emulator.config_from_args(args)
 
     def ready(url: str) -> None:
         print(f"APIMart emulator listening; use --base-url {url}", flush=True)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from runner.ledger import read_latest
+from runner.ledger.store import read_latest
 
 BIN = str(Path(sys.executable).with_name("apimart-batch"))
 KEY = "sk-live-CLIKEY-must-never-leak-9876"

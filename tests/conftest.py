@@ -15,7 +15,7 @@ import pytest
 # The subprocess fixtures (a mock-server process, spawned commands) live with their helpers.
 from clihelpers import mock_server, spawn  # noqa: F401
 
-from runner.emulator import EmulatorConfig, RunningEmulator, running
+from runner.emulator.server import EmulatorConfig, RunningEmulator, running
 
 #: The fake clock starts at the doc example's ``created`` (2025-11-11), a realistic epoch.
 START = 1_762_853_430.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from runner.catalog import load_catalog
+from runner.manifest.catalog import load_catalog
 from runner.models import Job, Upload
 
 

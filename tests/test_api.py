@@ -33,7 +33,7 @@ from aiohttp import web
 from jobfactory import edit, make_job
 from multidict import CIMultiDict
 
-from runner.api import (
+from runner.api.client import (
     Client,
     Secret,
     Submitted,
@@ -45,14 +45,15 @@ from runner.api import (
     key_file_warning,
     parse_task,
 )
-from runner.emulator import RunningEmulator
-from runner.emulator_contract import (
+from runner.api.retry import NO_WAIT, RetryPolicy
+from runner.emulator.contract import (
     ERRORS,
     RESPONSE_VERSION,
     TASK_FAILURES,
     UPLOAD_MAX_BYTES,
     video_bytes,
 )
+from runner.emulator.server import RunningEmulator
 from runner.errors import (
     AmbiguousError,
     ApiError,
@@ -61,7 +62,6 @@ from runner.errors import (
     RejectedError,
     RetryableError,
 )
-from runner.retry import NO_WAIT, RetryPolicy
 
 KEY = "sk-test-SECRET-1234567890"
 JOB = make_job(
@@ -1136,14 +1136,14 @@ def test_wait_ceiling_grows_exponentially_up_to_wait_max(monkeypatch, attempt, c
         bounds.append((low, high))
         return high
 
-    monkeypatch.setattr("runner.retry.random.uniform", uniform)
+    monkeypatch.setattr("runner.api.retry.random.uniform", uniform)
     assert RetryPolicy().wait(attempt) == ceiling
     assert bounds == [(0.0, ceiling)]
 
 
 def test_wait_is_spread_over_the_whole_range(monkeypatch):
     """Real draws cover [0, ceiling], so workers that failed together do not retry together."""
-    monkeypatch.setattr("runner.retry.random", random.Random(20261111))
+    monkeypatch.setattr("runner.api.retry.random", random.Random(20261111))
     waits = [RetryPolicy().wait(4) for _ in range(400)]
     assert all(0.0 <= w <= 8.0 for w in waits)
     assert min(waits) < 0.5 and max(waits) > 7.5
@@ -1162,7 +1162,7 @@ def test_wait_is_spread_over_the_whole_range(monkeypatch):
 )
 def test_retry_after_is_a_floor(monkeypatch, policy, attempt, retry_after, expected):
     """The wait is the larger of our jittered backoff and the server's Retry-After."""
-    monkeypatch.setattr("runner.retry.random.uniform", lambda low, high: high)
+    monkeypatch.setattr("runner.api.retry.random.uniform", lambda low, high: high)
     assert policy.wait(attempt, retry_after) == expected
 
 

@@ -27,8 +27,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from runner import api as api_module
-from runner.api import MAX_ANSWER_BYTES, Client, Secret, Submitted, TaskState, valid_task_id
+from runner.api import client as api_module
+from runner.api.client import MAX_ANSWER_BYTES, Client, Secret, Submitted, TaskState, valid_task_id
+from runner.api.retry import MAX_SERVER_WAIT
 from runner.errors import (
     AmbiguousError,
     ApiError,
@@ -37,7 +38,6 @@ from runner.errors import (
     RejectedError,
     RetryableError,
 )
-from runner.retry import MAX_SERVER_WAIT
 
 KEY = "sk-hostile-7f3a9c1e5b2d4680aa"
 TID = "task_01K8SGYNNNVBQTXNR4MM964S7K"

@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from runner import catalog as catalog_module
-from runner import pricing
-from runner.catalog import dispatch, load_catalog, manifest_validators
 from runner.cli import main
 from runner.errors import ManifestError
-from runner.manifest import load_manifests
-from runner.plan import models_listing, plan_json
-from runner.schemas import Problem, explain, load_schema
+from runner.manifest import catalog as catalog_module
+from runner.manifest import pricing
+from runner.manifest.catalog import dispatch, load_catalog, manifest_validators
+from runner.manifest.loader import load_manifests
+from runner.manifest.schemas import Problem, explain, load_schema
+from runner.report.plan import models_listing, plan_json
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "schemas" / "models"

@@ -17,8 +17,9 @@ import aiohttp
 import pytest
 from multidict import CIMultiDictProxy
 
-from runner.catalog import load_catalog
-from runner.emulator import (
+from runner.emulator.config import flag_name
+from runner.emulator.contract import UPLOAD_MAX_BYTES, ulid, video_bytes
+from runner.emulator.server import (
     Emulator,
     EmulatorConfig,
     add_arguments,
@@ -26,9 +27,8 @@ from runner.emulator import (
     running,
     serve_forever,
 )
-from runner.emulator_config import flag_name
-from runner.emulator_contract import UPLOAD_MAX_BYTES, ulid, video_bytes
 from runner.errors import UsageError
+from runner.manifest.catalog import load_catalog
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import pytest
 
-from runner.catalog import ModelSpec, load_catalog
-from runner.emulator import RunningEmulator
-from runner.schemas import schema_dir
+from runner.emulator.server import RunningEmulator
+from runner.manifest.catalog import ModelSpec, load_catalog
+from runner.manifest.schemas import schema_dir
 
 if TYPE_CHECKING:
     from conftest import EmulatorFactory, FakeClock

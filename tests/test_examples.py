@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from runner.errors import EXIT_USAGE, ManifestError
-from runner.manifest import load_manifests
+from runner.manifest.loader import load_manifests
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "jobs").glob("*.yaml"))

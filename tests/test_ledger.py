@@ -19,9 +19,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runner import ledger as ledger_module
 from runner.errors import EXIT_LOCKED, LedgerError, LedgerLockedError
-from runner.ledger import (
+from runner.ledger import store as ledger_module
+from runner.ledger.store import (
     COLUMNS,
     Ledger,
     escape_cell,
@@ -524,7 +524,7 @@ def run_python(code: str, *args: str) -> subprocess.Popen[str]:
 TRY_OPEN = """
 import sys
 from runner.errors import LedgerLockedError
-from runner.ledger import open_ledger
+from runner.ledger.store import open_ledger
 try:
     open_ledger(sys.argv[1], mock=False, base_url="u").close()
 except LedgerLockedError as exc:
@@ -534,7 +534,7 @@ except LedgerLockedError as exc:
 
 HOLD = """
 import sys, time
-from runner.ledger import open_ledger
+from runner.ledger.store import open_ledger
 ledger = open_ledger(sys.argv[1], mock=False, base_url="u")
 print("held", flush=True)
 time.sleep(60)
@@ -577,7 +577,7 @@ def test_lock_file_is_a_sidecar(path: Path) -> None:
 
 CRASH = """
 import sys
-from runner.ledger import open_ledger
+from runner.ledger.store import open_ledger
 ledger = open_ledger(sys.argv[1], mock=False, base_url="u")
 for n in range(10**9):
     prompt = PROMPT * (n % 20)

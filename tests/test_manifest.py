@@ -14,12 +14,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runner import manifest as manifest_module
-from runner.catalog import manifest_validators
 from runner.errors import ManifestError
-from runner.manifest import Manifest, load_manifests
-from runner.schemas import MANIFEST_SCHEMA, load_schema, schema_text
-from runner.yamlfile import parse_yaml
+from runner.manifest import loader as manifest_module
+from runner.manifest.catalog import manifest_validators
+from runner.manifest.loader import Manifest, load_manifests
+from runner.manifest.schemas import MANIFEST_SCHEMA, load_schema, schema_text
+from runner.manifest.yamlfile import parse_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -28,22 +28,22 @@ import yaml
 from jobfactory import make_job
 
 from runner import app, report
-from runner.api import Client, Secret, TaskState
+from runner.api.client import Client, Secret, TaskState
+from runner.api.retry import RetryPolicy
 from runner.app import RunConfig
 from runner.cli import build_parser
 from runner.cli import main as cli_main
 from runner.console import Console
-from runner.download import Downloader, file_name
-from runner.emulator_contract import TASK_FAILURES, video_bytes
+from runner.emulator.contract import TASK_FAILURES, video_bytes
+from runner.engine.download import Downloader, file_name
+from runner.engine.lifecycle import LedgerConfig, run_download, run_status
+from runner.engine.poll import Poller, PollTiming, iso_utc, state_cells
+from runner.engine.runtime import interrupts
+from runner.engine.schedule import Limiter
+from runner.engine.submit import UPLOAD_LIFETIME, UPLOAD_REUSE_MARGIN, Submitter
 from runner.errors import LedgerError, LedgerLockedError, ManifestError, RejectedError, UsageError
-from runner.ledger import iter_rows, open_ledger, read_latest
-from runner.lifecycle import LedgerConfig, run_download, run_status
-from runner.manifest import load_manifests
-from runner.poll import Poller, PollTiming, iso_utc, state_cells
-from runner.retry import RetryPolicy
-from runner.runtime import interrupts
-from runner.schedule import Limiter
-from runner.submit import UPLOAD_LIFETIME, UPLOAD_REUSE_MARGIN, Submitter
+from runner.ledger.store import iter_rows, open_ledger, read_latest
+from runner.manifest.loader import load_manifests
 
 KEY = Secret("sk-test-media-0000000000")
 NO_WAIT = RetryPolicy(attempts=5, wait_initial=0.0, wait_max=0.0)
@@ -980,7 +980,7 @@ async def test_run_wait_with_unusable_out_sends_nothing(emulator, tmp_path):
 
 async def test_mock_ledger_status_and_download_work_in_a_later_process(tmp_path, monkeypatch):
     """A --mock ledger is polled and downloaded by later commands (each its own emulator)."""
-    monkeypatch.setattr("runner.runtime.MOCK_TASK_SECONDS", 0.0)
+    monkeypatch.setattr("runner.engine.runtime.MOCK_TASK_SECONDS", 0.0)
     manifest = prompts(tmp_path, 2)
     with contextlib.redirect_stdout(io.StringIO()):
         assert await app.run(RunConfig((manifest,), mock=True, policy=NO_WAIT), quiet()) == 0

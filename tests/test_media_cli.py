@@ -23,8 +23,8 @@ from clihelpers import (
     write_manifest,
 )
 
-from runner.emulator_contract import video_bytes
-from runner.ledger import open_ledger, read_latest
+from runner.emulator.contract import video_bytes
+from runner.ledger.store import open_ledger, read_latest
 
 pytestmark = pytest.mark.slow
 

@@ -22,18 +22,18 @@ import pytest
 from jobfactory import make_job
 
 from runner import app
-from runner.api import Client, Secret
+from runner.api.client import Client, Secret
+from runner.api.retry import RetryPolicy
 from runner.app import RunConfig
 from runner.console import Console
+from runner.engine.poll import Poller, PollTiming
+from runner.engine.schedule import Limiter
+from runner.engine.submit import Submitter
 from runner.errors import ManifestError
-from runner.ledger import open_ledger, read_latest
-from runner.manifest import load_manifests
-from runner.plan import plan_json, render_plan
-from runner.poll import Poller, PollTiming
-from runner.pricing import merged_prices
-from runner.retry import RetryPolicy
-from runner.schedule import Limiter
-from runner.submit import Submitter
+from runner.ledger.store import open_ledger, read_latest
+from runner.manifest.loader import load_manifests
+from runner.manifest.pricing import merged_prices
+from runner.report.plan import plan_json, render_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "data" / "v0.1"

@@ -8,10 +8,10 @@ import unicodedata
 import pytest
 from jobfactory import make_job
 
-from runner.manifest import Manifest
+from runner.manifest.loader import Manifest
+from runner.manifest.pricing import built_in_prices, merged_prices
 from runner.models import Job
-from runner.plan import plan_json, render_plan
-from runner.pricing import built_in_prices, merged_prices
+from runner.report.plan import plan_json, render_plan
 
 
 def job(job_id: str, **fields: object) -> Job:

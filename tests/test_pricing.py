@@ -6,9 +6,8 @@ import pytest
 from jobfactory import make_job
 
 from runner.errors import UsageError
-from runner.manifest import Manifest
-from runner.models import Job
-from runner.pricing import (
+from runner.manifest.loader import Manifest
+from runner.manifest.pricing import (
     MAX_PRICE,
     PriceTable,
     built_in_labels,
@@ -19,7 +18,8 @@ from runner.pricing import (
     parse_price_override,
     rate,
 )
-from runner.schemas import load_schema
+from runner.manifest.schemas import load_schema
+from runner.models import Job
 
 
 def job(model: str = "sora-2", duration: int | None = 8, resolution: str | None = None) -> Job:

@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 from jobfactory import make_job
 
+from runner.engine.resume import decide
 from runner.models import Job
-from runner.resume import decide
 
 JOB = make_job("cat", model="sora-2", prompt="a cat", duration=8, manifest_name="m")
 

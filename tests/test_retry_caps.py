@@ -8,13 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runner.retry import MAX_SERVER_WAIT, NO_WAIT, RetryPolicy
+from runner.api.retry import MAX_SERVER_WAIT, NO_WAIT, RetryPolicy
 
 
 @pytest.fixture
 def highest(monkeypatch: pytest.MonkeyPatch) -> None:
     """Jitter always draws the top of its range, so a test sees the ceiling."""
-    monkeypatch.setattr("runner.retry.random.uniform", lambda low, high: high)
+    monkeypatch.setattr("runner.api.retry.random.uniform", lambda low, high: high)
 
 
 def test_the_cap_is_ten_minutes():

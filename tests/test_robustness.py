@@ -18,14 +18,14 @@ from typing import IO, Any
 import pytest
 from clihelpers import KEY, MockServer, cli, statuses, write_manifest
 
-from runner.api import TaskState
-from runner.download import NOT_BY_DEADLINE, Downloader
+from runner.api.client import TaskState
+from runner.api.retry import RetryPolicy
+from runner.engine.download import NOT_BY_DEADLINE, Downloader
+from runner.engine.lifecycle import LedgerConfig, Media
+from runner.engine.poll import Poller, PollTiming
+from runner.engine.schedule import Limiter, Stopped, describe, retrying, run_pool
 from runner.errors import FatalApiError, RetryableError
-from runner.ledger import open_ledger
-from runner.lifecycle import LedgerConfig, Media
-from runner.poll import Poller, PollTiming
-from runner.retry import RetryPolicy
-from runner.schedule import Limiter, Stopped, describe, retrying, run_pool
+from runner.ledger.store import open_ledger
 
 NO_WAIT = RetryPolicy(attempts=3, wait_initial=0.0, wait_max=0.0)
 #: How long one in-process stage may take before the test calls it hung.

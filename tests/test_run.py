@@ -22,17 +22,18 @@ import pytest
 import yaml
 from jobfactory import make_job
 
-from runner import app, emulator_contract
-from runner.api import Client, Secret
+from runner import app
+from runner.api.client import Client, Secret
+from runner.api.retry import RetryPolicy
 from runner.app import RunConfig
 from runner.cli import build_parser
 from runner.console import Console
+from runner.emulator import contract as emulator_contract
+from runner.engine.schedule import Limiter
+from runner.engine.submit import Submitter, job_fields
 from runner.errors import LedgerError, LedgerLockedError, ManifestError
-from runner.ledger import Ledger, open_ledger, read_latest
-from runner.manifest import load_manifests
-from runner.retry import RetryPolicy
-from runner.schedule import Limiter
-from runner.submit import Submitter, job_fields
+from runner.ledger.store import Ledger, open_ledger, read_latest
+from runner.manifest.loader import load_manifests
 
 KEY = "sk-live-TESTKEY-must-never-be-printed-4242"
 NO_WAIT = RetryPolicy(attempts=5, wait_initial=0.0, wait_max=0.0)

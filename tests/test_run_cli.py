@@ -27,7 +27,7 @@ from clihelpers import (
     write_manifest,
 )
 
-from runner.ledger import open_ledger, read_latest
+from runner.ledger.store import open_ledger, read_latest
 
 pytestmark = pytest.mark.slow
 

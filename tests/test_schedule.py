@@ -7,9 +7,9 @@ import itertools
 
 import pytest
 
+from runner.api.retry import NO_WAIT, RetryPolicy
+from runner.engine.schedule import Limiter, Stopped, retrying, run_pool
 from runner.errors import AmbiguousError, RetryableError
-from runner.retry import NO_WAIT, RetryPolicy
-from runner.schedule import Limiter, Stopped, retrying, run_pool
 
 
 class FakeTime:

@@ -19,7 +19,7 @@ from typing import Any
 
 from clihelpers import BIN, KEY
 
-from runner.ledger import COLUMNS, iter_rows
+from runner.ledger.store import COLUMNS, iter_rows
 
 #: A key no real account has, long and distinctive, so that any copy of it is found.
 CHAOS_KEY = "sk-chaos-5f3e9a1c7b2d48e6a0c4f9b1d3e7a2c8"

@@ -24,7 +24,7 @@ import yaml
 from chaoshelpers import Check, SecretScan, check_ledger, start
 from clihelpers import MockServer
 
-from runner.manifest import load_manifests
+from runner.manifest.loader import load_manifests
 
 pytestmark = pytest.mark.slow
 

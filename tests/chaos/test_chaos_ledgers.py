@@ -23,9 +23,9 @@ import yaml
 from chaoshelpers import CHAOS_KEY, SecretScan
 
 from runner.cli import main
-from runner.ledger import COLUMNS, iter_rows, write_csv
-from runner.manifest import load_manifests
-from runner.submit import job_fields
+from runner.engine.submit import job_fields
+from runner.ledger.store import COLUMNS, iter_rows, write_csv
+from runner.manifest.loader import load_manifests
 
 JOBS = [f"job-{i}" for i in range(6)]
 #: What a rerun of the healthy ledger sends: job-2 ended 'error', job-5 has no row.

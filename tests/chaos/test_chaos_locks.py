@@ -11,7 +11,7 @@ import pytest
 from chaoshelpers import SecretScan, run, start
 from clihelpers import MockServer, wait_for_rows, write_manifest
 
-from runner.ledger import COLUMNS, open_ledger, read_latest, write_csv
+from runner.ledger.store import COLUMNS, open_ledger, read_latest, write_csv
 
 pytestmark = pytest.mark.slow
 

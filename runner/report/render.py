@@ -10,13 +10,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner import pricing
 from runner.api import DEFAULT_BASE_URL
-from runner.catalog import load_catalog
-from runner.download import expires_ts, needs_download
+from runner.engine import NO_VIDEO_STATES, expires_ts, needs_download
 from runner.ledger import COLUMNS, ledger_path, read_latest, write_csv
+from runner.manifest import load_catalog, pricing
 from runner.models import Job
-from runner.poll import NO_VIDEO_STATES
 
 EXPIRING_WITHIN = 24 * 3600.0
 _TABLE = (("job_id", 28), ("status", 11), ("task_id", 32), ("progress", 8), ("expires_at", 20),

@@ -21,7 +21,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from runner.api import Client, Uploaded
+from runner.api import Client, RetryPolicy, Uploaded
+from runner.engine.resume import AMBIGUOUS
+from runner.engine.schedule import Clock, Limiter, Sleep, Stopped, retrying, sleep_unless
 from runner.errors import (
     AmbiguousError,
     ApiError,
@@ -33,9 +35,6 @@ from runner.errors import (
 )
 from runner.ledger import Recorder
 from runner.models import Job, Pointer, canonical_json, iso_utc, parse_iso
-from runner.resume import AMBIGUOUS
-from runner.retry import RetryPolicy
-from runner.schedule import Clock, Limiter, Sleep, Stopped, retrying, sleep_unless
 
 #: Uploaded image URLs live 72 h (apimart-api.md §5); reuse one only while it has
 #: this much life left, so the API can still fetch it while the task runs.

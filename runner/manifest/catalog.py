@@ -23,7 +23,13 @@ from jsonschema.protocols import Validator
 from referencing import Registry, Resource
 
 from runner.errors import RunnerError
-from runner.schemas import MANIFEST_SCHEMA, checked_validator, inline, load_schema, schema_dir
+from runner.manifest.schemas import (
+    MANIFEST_SCHEMA,
+    checked_validator,
+    inline,
+    load_schema,
+    schema_dir,
+)
 
 COMMON_ID = "urn:apimart-batch:schema:common"
 #: The common ideas whose field names differ between models (``x-apimart-aka``).

@@ -34,7 +34,7 @@ def schema_dir() -> Path:
     packaged = resources.files("runner").joinpath("_schemas")
     if packaged.is_dir():
         return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent / "schemas"
+    return Path(__file__).resolve().parents[2] / "schemas"
 
 
 @lru_cache(maxsize=8)

@@ -19,7 +19,7 @@ from jsonschema import Draft202012Validator, TypeChecker, validators
 from jsonschema.exceptions import ValidationError, best_match
 from jsonschema.protocols import Validator
 
-from runner.catalog import Catalog, ModelSpec, upload_pointers
+from runner.manifest import Catalog, ModelSpec, upload_pointers
 
 RESPONSE_VERSION = "2026-07-27"
 UPLOAD_MAX_BYTES = 20 * 1024 * 1024

@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from runner.api.retry import MAX_SERVER_WAIT
 from runner.errors import (
     AmbiguousError,
     ApiError,
@@ -51,7 +52,6 @@ from runner.errors import (
     RetryableError,
 )
 from runner.models import Job
-from runner.retry import MAX_SERVER_WAIT
 
 DEFAULT_BASE_URL: Final = "https://api.apimart.ai"
 SUBMIT_PATH: Final = "/v1/videos/generations"

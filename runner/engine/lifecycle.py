@@ -26,9 +26,12 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
-from runner.api import DEFAULT_BASE_URL, Client, Secret
+from runner.api import DEFAULT_BASE_URL, Client, RetryPolicy, Secret
 from runner.console import Console
-from runner.download import Downloader, expires_ts
+from runner.engine.download import Downloader, expires_ts
+from runner.engine.poll import NO_VIDEO_STATES, POLLABLE_STATES, Poller, PollTiming
+from runner.engine.runtime import connect, interrupts, merged_error
+from runner.engine.schedule import Limiter, describe
 from runner.errors import (
     EXIT_API_STOPPED,
     EXIT_JOBS_FAILED,
@@ -40,10 +43,6 @@ from runner.errors import (
     UsageError,
 )
 from runner.ledger import Recorder, keep_synced, ledger_is_mock, open_ledger
-from runner.poll import NO_VIDEO_STATES, POLLABLE_STATES, Poller, PollTiming
-from runner.retry import RetryPolicy
-from runner.runtime import connect, interrupts, merged_error
-from runner.schedule import Limiter, describe
 
 #: Queued after every real item (which all have priority 0): "no more downloads".
 _LAST = (1, 0.0, "")

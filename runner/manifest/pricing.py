@@ -20,13 +20,13 @@ from functools import lru_cache
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from runner.catalog import Catalog, ModelSpec, load_catalog
 from runner.errors import RunnerError, UsageError
+from runner.manifest.catalog import Catalog, ModelSpec, load_catalog
+from runner.manifest.schemas import schema_dir
 from runner.models import Job
-from runner.schemas import schema_dir
 
 if TYPE_CHECKING:
-    from runner.manifest import Manifest
+    from runner.manifest.loader import Manifest
 
 PRICES_FILE = "prices.json"
 #: Largest price accepted from a flag, USD per second (matches the schema's maximum).

@@ -6,16 +6,17 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from runner.catalog import COMMON_FIELDS, Catalog
-from runner.manifest import Manifest
-from runner.models import Job
-from runner.pricing import (
+from runner.manifest import (
+    COMMON_FIELDS,
+    Catalog,
+    Manifest,
     built_in_labels,
     built_in_prices,
     estimate,
     rate_and_key,
     valid_resolutions,
 )
+from runner.models import Job
 
 _NO_SKIPS: Mapping[str, str] = {}
 _PROMPT_WIDTH = 48

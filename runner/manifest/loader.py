@@ -33,18 +33,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from runner import pricing
-from runner.catalog import (
+from runner.errors import Diagnostic, ManifestError
+from runner.manifest import pricing
+from runner.manifest.catalog import (
     UPLOAD_MAX_BYTES,
     ModelSpec,
     Validators,
     manifest_validators,
     upload_pointers,
 )
-from runner.errors import Diagnostic, ManifestError
+from runner.manifest.schemas import Problem, explain
+from runner.manifest.yamlfile import Pos, YamlMap, YamlSeq, parse_yaml
 from runner.models import Job, Pointer, Upload, canonical_json
-from runner.schemas import Problem, explain
-from runner.yamlfile import Pos, YamlMap, YamlSeq, parse_yaml
 
 #: Largest manifest file read, in bytes (bounds memory and parse time).
 MAX_MANIFEST_BYTES = 5 * 1024 * 1024

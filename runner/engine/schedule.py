@@ -24,8 +24,8 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+from runner.api import RetryPolicy
 from runner.errors import RetryableError
-from runner.retry import RetryPolicy
 
 T = TypeVar("T")
 

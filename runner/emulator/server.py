@@ -45,14 +45,14 @@ from urllib.parse import unquote
 from aiohttp import BodyPartReader, web
 from aiohttp.typedefs import Handler
 
-from runner import emulator_contract as contract
-from runner.catalog import ModelSpec, load_catalog
-from runner.emulator_config import (
+from runner.emulator import contract
+from runner.emulator.config import (
     DEFAULT_CONFIG,
     EmulatorConfig,
     add_arguments,
     config_from_args,
 )
+from runner.manifest import ModelSpec, load_catalog
 
 __all__ = [
     "ACTIONS",

@@ -29,12 +29,11 @@ from pathlib import Path, PurePosixPath
 from typing import IO, cast
 from urllib.parse import urlsplit, urlunsplit
 
-from runner.api import Client
+from runner.api import Client, RetryPolicy
+from runner.engine.schedule import Clock, Limiter, Sleep, Stopped, cut_at, describe, retrying
 from runner.errors import ApiError, LedgerError
 from runner.ledger import Recorder
 from runner.models import parse_iso
-from runner.retry import RetryPolicy
-from runner.schedule import Clock, Limiter, Sleep, Stopped, cut_at, describe, retrying
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _EXTENSIONS = frozenset({".mp4", ".mov", ".webm", ".m4v"})

@@ -26,12 +26,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
-from runner.api import Client, TaskState
+from runner.api import Client, RetryPolicy, TaskState
+from runner.engine.schedule import Clock, Limiter, Sleep, Stopped, cut_at, retrying
 from runner.errors import FatalApiError, LedgerError, RejectedError, RetryableError
 from runner.ledger import Recorder
 from runner.models import iso_utc
-from runner.retry import RetryPolicy
-from runner.schedule import Clock, Limiter, Sleep, Stopped, cut_at, retrying
 
 #: Last statuses that have a task to poll.
 POLLABLE_STATES = frozenset({"submitted", "pending", "processing"})

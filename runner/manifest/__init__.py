@@ -1,0 +1,51 @@
+"""Stage 1, the manifest: YAML files -> validated, expanded, priced jobs; nothing is sent.
+
+``yamlfile`` parses strictly with line marks, ``schemas`` turns schema errors into words,
+``catalog`` reads the model schemas of ``schemas/models/``, ``loader`` expands and
+validates each job, and ``pricing`` estimates what it costs (``schemas/prices.json``).
+"""
+
+from __future__ import annotations
+
+from runner.manifest import pricing
+from runner.manifest.catalog import (
+    COMMON_FIELDS,
+    Catalog,
+    ModelSpec,
+    bundled_schema,
+    load_catalog,
+    manifest_validators,
+    upload_pointers,
+)
+from runner.manifest.loader import Manifest, load_manifests
+from runner.manifest.pricing import (
+    PriceTable,
+    built_in_labels,
+    built_in_prices,
+    estimate,
+    merged_prices,
+    parse_price_override,
+    rate_and_key,
+    valid_resolutions,
+)
+
+__all__ = [
+    "COMMON_FIELDS",
+    "Catalog",
+    "Manifest",
+    "ModelSpec",
+    "PriceTable",
+    "built_in_labels",
+    "built_in_prices",
+    "bundled_schema",
+    "estimate",
+    "load_catalog",
+    "load_manifests",
+    "manifest_validators",
+    "merged_prices",
+    "parse_price_override",
+    "pricing",
+    "rate_and_key",
+    "upload_pointers",
+    "valid_resolutions",
+]

@@ -1,0 +1,18 @@
+"""Reports, for people and programs: the plan of a run, the model catalog, a ledger's state."""
+
+from __future__ import annotations
+
+from runner.report.plan import models_listing, plan_json, render_models, render_plan
+from runner.report.render import Report, build_report, render_csv, render_json, render_table
+
+__all__ = [
+    "Report",
+    "build_report",
+    "models_listing",
+    "plan_json",
+    "render_csv",
+    "render_json",
+    "render_models",
+    "render_plan",
+    "render_table",
+]
