@@ -40,7 +40,8 @@ from runner.engine.lifecycle import LedgerConfig, run_download, run_status
 from runner.engine.poll import Poller, PollTiming, iso_utc, state_cells
 from runner.engine.runtime import interrupts
 from runner.engine.schedule import Limiter
-from runner.engine.submit import UPLOAD_LIFETIME, UPLOAD_REUSE_MARGIN, Submitter
+from runner.engine.submit import Submitter
+from runner.engine.uploads import UPLOAD_LIFETIME, UPLOAD_REUSE_MARGIN
 from runner.errors import LedgerError, LedgerLockedError, ManifestError, RejectedError, UsageError
 from runner.ledger.store import iter_rows, open_ledger, read_latest
 from runner.manifest.loader import load_manifests

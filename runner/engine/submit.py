@@ -1,29 +1,27 @@
-"""Submit one job: upload its local image if needed, POST it under the retry policy, record it.
+"""Submit one job: upload its images (``uploads``), POST it under the retry policy, record it.
 
 Job-level failures are data: every outcome ends as a ledger row (``submitted``,
 ``rejected``, ``error`` or ``unknown``) and never raises. Only a fatal answer
 (auth, permission, balance) stops the batch, by setting ``stop`` and keeping the
-error for the caller. The ``submitting`` row is flushed *before* the POST, so a
-crash at any point leaves a trace that the next run turns into ``unknown``.
+error for the caller; a model the API does not serve stops only that model's jobs.
+The ``submitting`` row is flushed *before* the POST, so a crash at any point leaves
+a trace that the next run turns into ``unknown``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import partial
-from pathlib import Path
 from typing import Any
 
-from runner.api import Client, RetryPolicy, Uploaded
+from runner.api import Client, RetryPolicy
 from runner.engine.resume import AMBIGUOUS
-from runner.engine.schedule import Clock, Limiter, Sleep, Stopped, retrying, sleep_unless
+from runner.engine.schedule import Clock, Limiter, Sleep, Stopped, sleep_unless
+from runner.engine.uploads import Uploads
 from runner.errors import (
     AmbiguousError,
     ApiError,
@@ -34,12 +32,7 @@ from runner.errors import (
     RetryableError,
 )
 from runner.ledger import Recorder
-from runner.models import Job, Pointer, canonical_json, iso_utc, parse_iso
-
-#: Uploaded image URLs live 72 h (apimart-api.md §5); reuse one only while it has
-#: this much life left, so the API can still fetch it while the task runs.
-UPLOAD_LIFETIME = 72 * 3600.0
-UPLOAD_REUSE_MARGIN = 12 * 3600.0
+from runner.models import Job, canonical_json
 
 
 def _first_line(exc: BaseException) -> str:
@@ -88,10 +81,12 @@ class Submitter:
     ledger_errors: list[LedgerError] = field(default_factory=list)
     #: Models the API said it does not serve, with its words: their jobs are not sent.
     unavailable: dict[str, str] = field(default_factory=dict)
-    _uploads: dict[str, asyncio.Future[Uploaded]] = field(default_factory=dict)
+    uploads: Uploads = field(init=False)
 
     def __post_init__(self) -> None:
-        self._reuse_uploads()
+        self.uploads = Uploads(self.client, self.limiter, self.policy, self.stop,
+                               clock=self.clock, sleep=self.sleep)
+        self.uploads.reuse(self.ledger.latest.values(), now=self.wall_clock())
 
     async def __call__(self, job: Job) -> bool:
         """Submit ``job`` and append its outcome to the ledger.
@@ -253,85 +248,4 @@ class Submitter:
 
     async def _prepare(self, job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
         """The body to send (local images uploaded) and the ledger cells it adds."""
-        row = self.ledger.latest.get(job.job_id, {})
-        recorded = row.get("request", "")
-        same = row.get("fingerprint") == job.fingerprint
-        if row.get("status") in AMBIGUOUS and recorded and same:
-            # Resending an ambiguous job: the body must match the first one byte for byte,
-            # or a server that honours Idempotency-Key answers 422 instead of replaying.
-            with contextlib.suppress(ValueError):
-                body = json.loads(recorded)
-                if isinstance(body, dict):
-                    return body, {"request": recorded}
-        urls: dict[Pointer, str] = {}
-        when: list[float] = []
-        reused = self._recorded_uploads(job, row) if row.get("status") in AMBIGUOUS else {}
-        for upload in job.uploads:
-            if upload.pointer in reused:
-                urls[upload.pointer] = reused[upload.pointer]
-                continue
-            done = await self._upload(upload.file, upload.sha256)
-            urls[upload.pointer] = done.url
-            when.append(done.created_at)
-        body = job.body(urls)
-        cells: dict[str, Any] = {"request": canonical_json(body)}
-        if job.uploads:
-            cells["image_url"] = "\n".join(urls[u.pointer] for u in job.uploads)
-        if when:
-            cells["uploaded_at"] = iso_utc(min(when))
-        return body, cells
-
-    @staticmethod
-    def _recorded_uploads(job: Job, row: Mapping[str, str]) -> dict[Pointer, str]:
-        """The URLs an earlier try of this job sent its local images as (0.1 ledgers)."""
-        shas = row.get("image_sha256", "").split("\n")
-        urls = row.get("image_url", "").split("\n")
-        if [u.sha256 for u in job.uploads] != shas or len(urls) != len(shas) or not all(urls):
-            return {}
-        return {u.pointer: url for u, url in zip(job.uploads, urls, strict=True)}
-
-    def _reuse_uploads(self) -> None:
-        """Seed the upload cache with earlier runs' uploads that still have life left."""
-        now = self.wall_clock()
-        for row in self.ledger.latest.values():
-            shas, urls = row.get("image_sha256", ""), row.get("image_url", "")
-            created = parse_iso(row.get("uploaded_at", ""))
-            if not (shas and urls) or created is None:
-                continue
-            if not now < created + UPLOAD_LIFETIME - UPLOAD_REUSE_MARGIN:
-                continue
-            pairs = zip(shas.split("\n"), urls.split("\n"), strict=False)
-            for sha, url in pairs:
-                if sha and url and sha not in self._uploads:
-                    future: asyncio.Future[Uploaded] = asyncio.get_running_loop().create_future()
-                    future.set_result(Uploaded(url=url, created_at=created))
-                    self._uploads[sha] = future
-
-    async def _upload(self, path: str, sha: str) -> Uploaded:
-        """Upload one image once per content per run; concurrent jobs share one upload."""
-        pending = self._uploads.get(sha)
-        if pending is None:
-            pending = asyncio.get_running_loop().create_future()
-            self._uploads[sha] = pending
-            try:
-                pending.set_result(await self._upload_now(path, sha))
-            except (ApiError, Stopped) as exc:
-                pending.set_exception(exc)
-                # The waiting jobs see it through the future; mark it retrieved for asyncio.
-                pending.exception()
-        return await pending
-
-    async def _upload_now(self, path: str, sha: str) -> Uploaded:
-        try:
-            data = await asyncio.to_thread(Path(path).read_bytes)
-        except OSError as exc:
-            msg = f"{path}: cannot read the image: {exc.strerror}"
-            raise RejectedError(msg) from exc
-        if hashlib.sha256(data).hexdigest() != sha:
-            msg = f"{path}: the image changed since the manifest was validated; rerun"
-            raise RejectedError(msg)
-        # Only "not sent" failures are retried: uploads carry no idempotency key.
-        return await retrying(
-            partial(self.client.upload_image, data, Path(path).name), limiter=self.limiter,
-            policy=self.policy, stop=self.stop, clock=self.clock, sleep=self.sleep,
-        )
+        return await self.uploads.prepare(job, self.ledger.latest.get(job.job_id, {}))
