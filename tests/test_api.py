@@ -33,19 +33,11 @@ from aiohttp import web
 from jobfactory import edit, make_job
 from multidict import CIMultiDict
 
-from runner.api.client import (
-    Client,
-    Secret,
-    Submitted,
-    TaskState,
-    Timeouts,
-    api_key_from_env,
-    classify,
-    is_quota,
-    key_file_warning,
-    parse_task,
-)
+from runner.api.answers import Submitted, TaskState, parse_task
+from runner.api.client import Client, Timeouts
+from runner.api.failures import classify, is_quota
 from runner.api.retry import NO_WAIT, RetryPolicy
+from runner.api.secret import Secret, api_key_from_env, key_file_warning
 from runner.emulator.contract import (
     ERRORS,
     RESPONSE_VERSION,

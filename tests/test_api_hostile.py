@@ -27,9 +27,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from runner.api import client as api_module
-from runner.api.client import MAX_ANSWER_BYTES, Client, Secret, Submitted, TaskState, valid_task_id
+from runner.api.answers import MAX_ANSWER_BYTES, Submitted, TaskState, valid_task_id
+from runner.api.client import Client
 from runner.api.retry import MAX_SERVER_WAIT
+from runner.api.secret import Secret, scrub
 from runner.errors import (
     AmbiguousError,
     ApiError,
@@ -749,9 +750,11 @@ async def test_every_upload_answer_has_one_documented_outcome(hostile, connect, 
 @pytest.mark.parametrize(
     ("operation", "target", "cls"),
     [
-        pytest.param("submit", "_submitted", AmbiguousError, id="submit"),
-        pytest.param("get_task", "parse_task", RetryableError, id="get-task"),
-        pytest.param("upload_image", "_uploaded", AmbiguousError, id="upload"),
+        pytest.param("submit", "runner.api.client.read_submitted", AmbiguousError, id="submit"),
+        pytest.param("get_task", "runner.api.answers.parse_task", RetryableError,
+                     id="get-task"),
+        pytest.param("upload_image", "runner.api.client.read_uploaded", AmbiguousError,
+                     id="upload"),
     ],
 )
 @pytest.mark.parametrize("error", [TypeError, KeyError, ValueError, RecursionError, UnicodeError])
@@ -765,7 +768,7 @@ async def test_an_unforeseen_parse_failure_still_classifies(
         raise error(msg)
 
     hostile.reply = js(task()) if operation == "get_task" else js({**legacy(), "url": UPLOAD})
-    monkeypatch.setattr(api_module, target, explode)
+    monkeypatch.setattr(target, explode)
     api = await connect(hostile.base_url)
     call = {
         "submit": lambda: api.submit(JOB),
@@ -802,4 +805,4 @@ async def test_a_body_that_is_not_json_is_refused_before_sending(hostile, connec
 )  # fmt: skip
 def test_scrub_removes_the_key_and_any_credential(given, expected):
     """The scrubber removes the key, any Bearer token and any Authorization value."""
-    assert api_module.scrub(given, Secret(KEY)) == expected
+    assert scrub(given, Secret(KEY)) == expected
