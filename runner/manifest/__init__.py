@@ -1,8 +1,10 @@
 """Stage 1, the manifest: YAML files -> validated, expanded, priced jobs; nothing is sent.
 
 ``yamlfile`` parses strictly with line marks, ``schemas`` turns schema errors into words,
-``catalog`` reads the model schemas of ``schemas/models/``, ``loader`` expands and
-validates each job, and ``pricing`` estimates what it costs (``schemas/prices.json``).
+``catalog`` reads the model schemas of ``schemas/models/``, ``loader`` reads each file and
+conducts the rest (``expand`` entries into combinations, ``jobs`` builds and validates each
+job with ``verdict`` and ``images``, ``ids`` names it, ``diagnostics`` says where a problem
+is), and ``pricing`` estimates what it costs (``schemas/prices.json``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,94 @@
+"""One manifest's diagnostics, each at the YAML position of what the user must edit."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from typing import Any
+
+from runner.errors import Diagnostic
+from runner.manifest.schemas import Problem
+from runner.manifest.yamlfile import Pos, YamlMap, YamlSeq
+
+#: Most diagnostics printed per file; the rest are counted.
+MAX_DIAGNOSTICS = 100
+
+DocPath = tuple[str | int, ...]
+
+
+class Reporter:
+    """Collects one file's diagnostics; a later stage never repeats a place an earlier judged."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        #: The parsed document the positions are looked up in (None until it is parsed).
+        self.doc: Any = None
+        self.diagnostics: list[Diagnostic] = []
+        self._early: set[tuple[int, int, str]] = set()
+
+    def at(
+        self,
+        path: DocPath,
+        message: str,
+        hint: str | None,
+        *,
+        at_key: bool = False,
+        late: bool = False,
+    ) -> None:
+        """Report a problem at ``path`` of the document (at its key with ``at_key``)."""
+        shown, pos = locate(self.doc, path, at_key=at_key)
+        self.add(pos, shown, message, hint, late=late)
+
+    def all(self, prefix: DocPath, problems: list[Problem]) -> None:
+        """Report every schema problem, each at its place below ``prefix``."""
+        for problem in problems:
+            path = (*prefix, *problem.path)
+            self.at(path, problem.message, problem.hint, at_key=problem.at_key)
+
+    def add(
+        self, pos: Pos, path: str, message: str, hint: str | None = None, *, late: bool = False
+    ) -> None:
+        """Report a problem at ``pos``, shown as ``path``."""
+        # A later stage re-checks values the schema stage already judged where they were
+        # written; one problem per place is enough.
+        if late and (pos[0], pos[1], path) in self._early:
+            return
+        if not late:
+            self._early.add((pos[0], pos[1], path))
+        self.diagnostics.append(Diagnostic(self.path, pos[0], pos[1], path, message, hint))
+
+    def trim(self) -> list[Diagnostic]:
+        """The diagnostics in file order, without repeats, past the limit as one summary."""
+        self.diagnostics = sorted(set(self.diagnostics), key=lambda d: (d.line, d.col, d.path))
+        if len(self.diagnostics) > MAX_DIAGNOSTICS:
+            extra = self.diagnostics[MAX_DIAGNOSTICS]
+            more = len(self.diagnostics) - MAX_DIAGNOSTICS
+            message = f"... and {more} more problems (only the first {MAX_DIAGNOSTICS} are shown)"
+            summary = replace(extra, path="", message=message, hint=None)
+            self.diagnostics = [*self.diagnostics[:MAX_DIAGNOSTICS], summary]
+        return self.diagnostics
+
+
+def locate(doc: Any, path: DocPath, *, at_key: bool = False) -> tuple[str, Pos]:
+    """A readable path and the position of ``path`` in the document, or of its deepest part."""
+    node, pos, shown = doc, getattr(doc, "pos", (1, 1)), ""
+    for n, step in enumerate(path):
+        if isinstance(node, YamlMap) and isinstance(step, str) and step in node:
+            last = n == len(path) - 1
+            empty = node[step] is None  # an empty value's mark is the next token's
+            pos = node.key_pos[step] if (at_key and last) or empty else node.value_pos[step]
+            shown += _key_text(step, first=not shown)
+        elif isinstance(node, YamlSeq) and isinstance(step, int) and 0 <= step < len(node):
+            pos = node.item_pos[step]
+            shown += f"[{step}]"
+        else:
+            break
+        node = node[step]
+    return shown, pos
+
+
+def _key_text(key: str, *, first: bool) -> str:
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_./-]*", key):
+        return key if first else f".{key}"
+    return f"[{json.dumps(key, ensure_ascii=False)}]"

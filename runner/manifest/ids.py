@@ -1,0 +1,80 @@
+"""Job ids: the id each expanded job runs under, and the refusal of an id given twice."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from dataclasses import replace
+from typing import Any
+
+from runner.manifest.diagnostics import Reporter
+from runner.manifest.expand import Plan
+from runner.manifest.yamlfile import Pos
+from runner.models import Job
+
+
+class JobIds:
+    """Names one manifest's jobs and keeps the valid ones with the position of their entry."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+        self.job_positions: list[tuple[Job, Pos]] = []
+        self._taken: dict[str, tuple[int, Pos]] = {}
+
+    def take(self, plan: Plan, combo: dict[str, int], job: Job | None, pos: Pos) -> None:
+        """Every take of one combination: ``<id>``, then ``<id>-2`` ... ``<id>-<repeat>``."""
+        base = _base_id(plan.entry, combo, job)
+        if base is None:
+            return
+        for take in range(1, plan.repeat + 1):
+            self._add(plan.index, pos, base if take == 1 else f"{base}-{take}", job)
+
+    def _add(self, index: int, pos: Pos, job_id: str, job: Job | None) -> None:
+        """Keep a valid job under ``job_id``; refuse a taken id even for an invalid job."""
+        taken = self._taken
+        if job_id in taken:
+            first, first_pos = taken[job_id]
+            message = (
+                f"this entry yields job_id '{job_id}' twice: a matrix list repeats a value"
+                if first == index
+                else f"job_id '{job_id}' is already used by jobs[{first}] (line {first_pos[0]})"
+            )
+            hint = "for several takes of one request use 'repeat: N'; else give each job its own id"
+            self.reporter.at(("jobs", index), message, hint, late=True)
+            return
+        taken[job_id] = (index, pos)
+        if job is not None:
+            self.job_positions.append((replace(job, job_id=job_id), pos))
+
+
+def _base_id(entry: dict[str, Any], combo: dict[str, int], job: Job | None) -> str | None:
+    """The id of take 1 (see the schema's description); None if it needs an invalid job."""
+    given = entry.get("id")
+    if isinstance(given, str) and combo:
+        chosen = {key: entry["matrix"][key][i] for key, i in combo.items()}
+        return f"{given}-{_digest(chosen)[:12]}"
+    if isinstance(given, str):
+        return given
+    if job is None:
+        return None
+    slug = _slug(job.prompt)
+    return f"{slug}-{job.fingerprint[:12]}" if slug else job.fingerprint[:12]
+
+
+def _digest(value: Any) -> str:
+    canonical = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _slug(prompt: str, width: int = 24) -> str:
+    """The prompt's first ASCII words, for a readable default id ('' for e.g. Korean)."""
+    ascii_text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode()
+    slug = ""
+    for word in re.findall(r"[a-z0-9]+", ascii_text.lower()):
+        longer = f"{slug}-{word}" if slug else word[:width]
+        if len(longer) > width:
+            break
+        slug = longer
+    return slug
