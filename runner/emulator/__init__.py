@@ -1,8 +1,10 @@
 """The test double: APIMart's documented contract over aiohttp.web, with faults on demand.
 
 ``contract`` holds what the docs say (envelopes, errors, ids, the catalog's validation),
-``config`` the knobs and their ``mock-server`` flags, ``server`` the routes. The server
-side of aiohttp loads only when a server is asked for (``--mock`` or ``mock-server``).
+``config`` the knobs and their ``mock-server`` flags, ``faults`` what goes wrong and when,
+``tasks`` and ``uploads`` what the emulator keeps, ``routes`` the handlers and ``server``
+the application that wires them. The server side of aiohttp loads only when a server is
+asked for (``--mock`` or ``mock-server``).
 """
 
 from __future__ import annotations
