@@ -1,4 +1,4 @@
-"""apimart-batch: validate, submit, record, poll and download APIMart Sora 2 video batches."""
+"""apimart-batch: validate, submit, record, poll and download APIMart video batches."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from runner.errors import RunnerError
     from runner.models import Job
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["Job", "RunnerError", "__version__"]
 
