@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from runner.manifest.diagnostics import Reporter
@@ -21,20 +20,14 @@ MAX_JOBS = 100_000
 ENTRY_KEYS = ("id", "matrix", "repeat")
 
 
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """One entry that can expand: its lists to combine and how many takes of each."""
+#: One entry that can expand: (its index, the entry, its lists to combine, takes of each).
+Plan = tuple[int, dict[str, Any], dict[str, list[Any]], int]
 
-    index: int
-    entry: dict[str, Any]
-    matrix: dict[str, list[Any]]
-    repeat: int
 
-    def combinations(self) -> Iterator[dict[str, int]]:
-        """Each combination, as the index chosen in each matrix list ({} without a matrix)."""
-        matrix = self.matrix
-        for choice in itertools.product(*(range(len(values)) for values in matrix.values())):
-            yield dict(zip(matrix, choice, strict=True))
+def combinations(matrix: dict[str, list[Any]]) -> Iterator[dict[str, int]]:
+    """Each combination, as the index chosen in each matrix list ({} without a matrix)."""
+    for choice in itertools.product(*(range(len(values)) for values in matrix.values())):
+        yield dict(zip(matrix, choice, strict=True))
 
 
 def plan(entries: list[Any], defaults: dict[str, Any], reporter: Reporter) -> list[Plan] | None:
@@ -53,7 +46,7 @@ def plan(entries: list[Any], defaults: dict[str, Any], reporter: Reporter) -> li
             hint = "split the batch into several manifests, or shrink the matrix or repeat"
             reporter.at(("jobs", index), message, hint)
             return None
-        plans.append(Plan(index, entry, matrix, repeat))
+        plans.append((index, entry, matrix, repeat))
     return plans
 
 

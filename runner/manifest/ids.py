@@ -24,29 +24,32 @@ class JobIds:
         self._taken: dict[str, tuple[int, Pos]] = {}
 
     def take(self, plan: Plan, combo: dict[str, int], job: Job | None, pos: Pos) -> None:
-        """Every take of one combination: ``<id>``, then ``<id>-2`` ... ``<id>-<repeat>``."""
-        base = _base_id(plan.entry, combo, job)
+        """Name every take of one combination (``<id>``, ``<id>-2``, ...) and keep valid jobs.
+
+        A taken id is refused even for an invalid job.
+        """
+        index, entry, _, repeat = plan
+        base = _base_id(entry, combo, job)
         if base is None:
             return
-        for take in range(1, plan.repeat + 1):
-            self._add(plan.index, pos, base if take == 1 else f"{base}-{take}", job)
-
-    def _add(self, index: int, pos: Pos, job_id: str, job: Job | None) -> None:
-        """Keep a valid job under ``job_id``; refuse a taken id even for an invalid job."""
         taken = self._taken
-        if job_id in taken:
-            first, first_pos = taken[job_id]
-            message = (
-                f"this entry yields job_id '{job_id}' twice: a matrix list repeats a value"
-                if first == index
-                else f"job_id '{job_id}' is already used by jobs[{first}] (line {first_pos[0]})"
-            )
-            hint = "for several takes of one request use 'repeat: N'; else give each job its own id"
-            self.reporter.at(("jobs", index), message, hint, late=True)
-            return
-        taken[job_id] = (index, pos)
-        if job is not None:
-            self.job_positions.append((replace(job, job_id=job_id), pos))
+        for take in range(1, repeat + 1):
+            job_id = base if take == 1 else f"{base}-{take}"
+            if job_id in taken:
+                self._refuse(job_id, index, *taken[job_id])
+                continue
+            taken[job_id] = (index, pos)
+            if job is not None:
+                self.job_positions.append((replace(job, job_id=job_id), pos))
+
+    def _refuse(self, job_id: str, index: int, first: int, first_pos: Pos) -> None:
+        message = (
+            f"this entry yields job_id '{job_id}' twice: a matrix list repeats a value"
+            if first == index
+            else f"job_id '{job_id}' is already used by jobs[{first}] (line {first_pos[0]})"
+        )
+        hint = "for several takes of one request use 'repeat: N'; else give each job its own id"
+        self.reporter.at(("jobs", index), message, hint, late=True)
 
 
 def _base_id(entry: dict[str, Any], combo: dict[str, int], job: Job | None) -> str | None:

@@ -57,7 +57,6 @@ class JobBuilder:
         pos: Pos,
     ) -> Job | None:
         """One expanded job (None when invalid; the problems are reported)."""
-        report_at = self.reporter.at
         here: DocPath = ("jobs", index)
         sources: dict[str, DocPath] = {}
         values: dict[str, Any] = {}
@@ -74,12 +73,12 @@ class JobBuilder:
                 values[key], sources[key] = defaults[key], ("defaults", key)
             if key in combo and key in entry:
                 hint = f"keep one: matrix.{key} lists the values to combine"
-                report_at((*here, key), f"'{key}' is set both here and in matrix", hint)
+                self.reporter.at((*here, key), f"'{key}' is set both here and in matrix", hint)
         if "image" in values:
             if "image_urls" in values:
                 hint = "a job has one image list: give either image (a file or URL) or image_urls"
                 where = sources["image_urls"]
-                report_at(where, "'image_urls' cannot be combined with 'image'", hint)
+                self.reporter.at(where, "'image_urls' cannot be combined with 'image'", hint)
                 return None
             values["image_urls"] = [values.pop("image")]
             sources["image_urls"] = sources.pop("image")
@@ -88,14 +87,14 @@ class JobBuilder:
         model = values.get("model")
         spec = self.catalog.get(model) if isinstance(model, str) else None
         if isinstance(model, str) and spec is None and not self.allow_unknown:
-            report_at(sources["model"], *self.verdicts.unknown_model(model), late=True)
+            self.reporter.at(sources["model"], *self.verdicts.unknown_model(model), late=True)
             return None
         shorthand = any("image" in where for where in (entry, combo, defaults))
         uploads, checked = self._uploads(spec, values, sources, from_image=shorthand)
         problems = self.verdicts.judge(spec, checked)
         for problem in problems:
             path = _source_path(problem.path, sources, here)
-            report_at(path, problem.message, problem.hint, at_key=problem.at_key, late=True)
+            self.reporter.at(path, problem.message, problem.hint, at_key=problem.at_key, late=True)
         if problems or uploads is None:
             return None
         request = {key: _integral(value) for key, value in values.items()}

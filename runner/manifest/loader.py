@@ -32,7 +32,7 @@ from runner.manifest.catalog import Validators, manifest_validators
 from runner.manifest.diagnostics import MAX_DIAGNOSTICS as MAX_DIAGNOSTICS
 from runner.manifest.diagnostics import Reporter, locate
 from runner.manifest.expand import MAX_JOBS as MAX_JOBS
-from runner.manifest.expand import plan
+from runner.manifest.expand import combinations, plan
 from runner.manifest.ids import JobIds
 from runner.manifest.jobs import JobBuilder
 from runner.manifest.schemas import explain
@@ -180,9 +180,9 @@ class _FileLoader:
                              allow_unknown=self.allow_unknown)
         ids = JobIds(self.reporter)
         for entry_plan in plans:
-            index, entry = entry_plan.index, entry_plan.entry
+            index, entry, matrix, _ = entry_plan
             pos = locate(doc, ("jobs", index))[1]
-            for combo in entry_plan.combinations():
+            for combo in combinations(matrix):
                 job = builder.build(index, entry, defaults, combo, pos)
                 ids.take(entry_plan, combo, job, pos)
         self.job_positions = ids.job_positions
