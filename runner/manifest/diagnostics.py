@@ -60,7 +60,7 @@ class Reporter:
 
     def trim(self) -> list[Diagnostic]:
         """The diagnostics in file order, without repeats, past the limit as one summary."""
-        self.diagnostics = sorted(set(self.diagnostics), key=lambda d: (d.line, d.col, d.path))
+        self.diagnostics = sorted(set(self.diagnostics), key=lambda d: (d.line, d.col, d.path, d.message))
         if len(self.diagnostics) > MAX_DIAGNOSTICS:
             extra = self.diagnostics[MAX_DIAGNOSTICS]
             more = len(self.diagnostics) - MAX_DIAGNOSTICS
