@@ -60,7 +60,8 @@ class Reporter:
 
     def trim(self) -> list[Diagnostic]:
         """The diagnostics in file order, without repeats, past the limit as one summary."""
-        self.diagnostics = sorted(set(self.diagnostics), key=lambda d: (d.line, d.col, d.path, d.message))
+        unique = set(self.diagnostics)
+        self.diagnostics = sorted(unique, key=lambda d: (d.line, d.col, d.path, d.message))
         if len(self.diagnostics) > MAX_DIAGNOSTICS:
             extra = self.diagnostics[MAX_DIAGNOSTICS]
             more = len(self.diagnostics) - MAX_DIAGNOSTICS
