@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
@@ -118,3 +119,35 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
     """A plain aiohttp session, closed at teardown."""
     async with aiohttp.ClientSession() as client:
         yield client
+
+
+@pytest.fixture
+async def connect(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """Open ``Client``s holding the test module's ``KEY``: ``await connect(base_url, **options)``.
+
+    ``key=`` overrides the key; every client is closed after the test.
+    """
+    from runner.api import Client, Secret
+
+    async with AsyncExitStack() as stack:
+
+        async def open_client(base_url: str, key: str | None = None, **options: Any) -> Any:
+            secret = Secret(key if key is not None else request.module.KEY)
+            return await stack.enter_async_context(Client(base_url, secret, **options))
+
+        yield open_client
+
+
+@pytest.fixture
+def no_key_in_logs(
+    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> Iterator[None]:
+    """Capture every log record at DEBUG (aiohttp's too); fail if one shows the module's KEY."""
+    key = request.module.KEY
+    caplog.set_level(logging.DEBUG)
+    for name in ("aiohttp", "asyncio"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    yield
+    leaked = [r for r in caplog.records if key in r.getMessage() or key in (r.exc_text or "")]
+    assert key not in caplog.text
+    assert not leaked, f"the API key leaked into a log record: {leaked[0].getMessage()[:300]}"

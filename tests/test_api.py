@@ -13,7 +13,6 @@ import email.utils
 import gzip
 import io
 import json
-import logging
 import math
 import random
 import re
@@ -21,8 +20,7 @@ import socket
 import time
 import traceback
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AsyncExitStack
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -55,6 +53,7 @@ from runner.errors import (
     RetryableError,
 )
 
+pytestmark = pytest.mark.usefixtures("no_key_in_logs")
 KEY = "sk-test-SECRET-1234567890"
 JOB = make_job(
     "fox-snow",
@@ -96,18 +95,6 @@ async def expect(cls: type[ApiError], call: Awaitable[object]) -> ApiError:
     assert type(exc) is cls, f"expected {cls.__name__}, got {type(exc).__name__}: {exc}"
     assert_no_key(exc)
     return exc
-
-
-@pytest.fixture(autouse=True)
-def _no_key_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    """Capture every log record at DEBUG (aiohttp's too) and fail if one shows the key."""
-    caplog.set_level(logging.DEBUG)
-    for name in ("aiohttp", "asyncio"):
-        caplog.set_level(logging.DEBUG, logger=name)
-    yield
-    leaked = [r for r in caplog.records if KEY in r.getMessage() or KEY in (r.exc_text or "")]
-    assert KEY not in caplog.text
-    assert not leaked, f"the API key leaked into a log record: {leaked[0].getMessage()[:300]}"
 
 
 # -- servers and clients ---------------------------------------------------------------------
@@ -165,17 +152,6 @@ async def echo(aiohttp_server: Any) -> Echo:
     running = await aiohttp_server(app)
     server.base_url = str(running.make_url("")).rstrip("/")
     return server
-
-
-@pytest.fixture
-async def connect() -> AsyncIterator[Callable[..., Awaitable[Client]]]:
-    """Open ``Client``s holding ``KEY``: ``await connect(base_url, **options)``; closed after."""
-    async with AsyncExitStack() as stack:
-
-        async def open_client(base_url: str, key: str = KEY, **options: Any) -> Client:
-            return await stack.enter_async_context(Client(base_url, Secret(key), **options))
-
-        yield open_client
 
 
 @pytest.fixture

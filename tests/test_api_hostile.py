@@ -16,10 +16,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import logging
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,7 +26,6 @@ import pytest
 from aiohttp import web
 
 from runner.api.answers import MAX_ANSWER_BYTES, Submitted, TaskState, valid_task_id
-from runner.api.client import Client
 from runner.api.retry import MAX_SERVER_WAIT
 from runner.api.secret import Secret, scrub
 from runner.errors import (
@@ -40,6 +37,7 @@ from runner.errors import (
     RetryableError,
 )
 
+pytestmark = pytest.mark.usefixtures("no_key_in_logs")
 KEY = "sk-hostile-7f3a9c1e5b2d4680aa"
 TID = "task_01K8SGYNNNVBQTXNR4MM964S7K"
 VIDEO = "https://upload.apimart.ai/f/video/1-video_task.mp4"
@@ -219,27 +217,6 @@ async def hostile(aiohttp_server: Any) -> AsyncIterator[Hostile]:
     finally:
         raw.close()
         await raw.wait_closed()
-
-
-@pytest.fixture
-async def connect() -> AsyncIterator[Callable[..., Awaitable[Client]]]:
-    """Open clients holding ``KEY``: ``await connect(base_url)``; all closed after the test."""
-    async with AsyncExitStack() as stack:
-
-        async def open_client(base_url: str, **options: Any) -> Client:
-            return await stack.enter_async_context(Client(base_url, Secret(KEY), **options))
-
-        yield open_client
-
-
-@pytest.fixture(autouse=True)
-def _no_key_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    """Capture every log record at DEBUG and fail if one shows the key."""
-    caplog.set_level(logging.DEBUG)
-    for name in ("aiohttp", "asyncio"):
-        caplog.set_level(logging.DEBUG, logger=name)
-    yield
-    assert KEY not in caplog.text
 
 
 def assert_no_key(exc: BaseException) -> None:
