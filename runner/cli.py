@@ -40,6 +40,7 @@ exit codes:
        became unwritable mid-run, nothing more; the message names any task id)
   3    stopped by the API: key, permission or balance
   75   the ledger is in use by another run
+  141  stdout was closed early (e.g. '| head'); what was recorded stays recorded
   130  interrupted (SIGINT); 143: terminated (SIGTERM). In-flight requests finish
        and are recorded; a second signal aborts at once
 """

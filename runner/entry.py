@@ -22,6 +22,7 @@ The only moment no handler of ours can run is interpreter start-up, before this 
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from asyncio import AbstractEventLoop
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: Exit code when stdout is closed early (128 + SIGPIPE, as a shell reports it).
+EXIT_BROKEN_PIPE = 141
 Route = Callable[[int], None]
 
 
@@ -135,6 +138,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Interrupted as exc:
             code = exit_code(exc.signum)
             _say(f"apimart-batch: interrupted by {_name(exc.signum)}", args)
+        except BrokenPipeError:
+            # The reader went away (`... | head`): what was recorded stays recorded; say
+            # nothing more on stdout, and exit as a shell reports a SIGPIPE death.
+            with suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            code = EXIT_BROKEN_PIPE
         else:
             if _state.signals and code != exit_code(_state.signals[0]):
                 # It came as the summary was written, so the command saw none: say it here.

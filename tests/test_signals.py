@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -224,3 +225,15 @@ def test_signals_at_random_moments_give_the_documented_code(tmp_path, scenario):
     # Both ends are reached: some runs were cut, and (for short ones) some finished first.
     assert sum(n for (_, code), n in outcomes.items() if code) > 0, outcomes
     print(f"{scenario}: {ROUNDS} rounds, {sent} signals, exit codes {dict(outcomes)}")
+
+
+@pytest.mark.slow
+def test_a_reader_that_goes_away_ends_quietly_with_141(tmp_path: Path) -> None:
+    """`plan | head -1` on a plan larger than a pipe holds: no traceback, exit 141."""
+    manifest = write_manifest(tmp_path, 2000)
+    shell = f"set -o pipefail; {shlex.quote(BIN)} plan {shlex.quote(manifest)} | head -1"
+    done = subprocess.run(["/bin/bash", "-c", shell], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path, check=False)
+    assert done.returncode == 141, done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+    assert done.stdout.startswith("Plan (nothing is sent)")
