@@ -141,3 +141,17 @@ def wait_for_rows(ledger: Path, status: str, count: int, process: subprocess.Pop
 
 
 # -- exit codes and output -----------------------------------------------------------------
+
+
+#: A child process that opens the ledger at argv[1] and closes it: prints the holder's pid
+#: and exits 75 when another process holds the lock.
+TRY_OPEN = """
+import sys
+from runner.errors import LedgerLockedError
+from runner.ledger.store import open_ledger
+try:
+    open_ledger(sys.argv[1], mock=False, base_url="u").close()
+except LedgerLockedError as exc:
+    print(exc.pid)
+    raise SystemExit(exc.exit_code)
+"""

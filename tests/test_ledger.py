@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from clihelpers import TRY_OPEN
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -520,17 +521,6 @@ def run_python(code: str, *args: str) -> subprocess.Popen[str]:
         [sys.executable, "-c", code, *args], cwd=ROOT, text=True, stdout=subprocess.PIPE
     )
 
-
-TRY_OPEN = """
-import sys
-from runner.errors import LedgerLockedError
-from runner.ledger.store import open_ledger
-try:
-    open_ledger(sys.argv[1], mock=False, base_url="u").close()
-except LedgerLockedError as exc:
-    print(exc.pid)
-    raise SystemExit(exc.exit_code)
-"""
 
 HOLD = """
 import sys, time

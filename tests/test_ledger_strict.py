@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from clihelpers import TRY_OPEN
 
 from runner.api import client as api
 from runner.engine import poll, resume
@@ -479,17 +480,6 @@ def test_every_name_of_a_ledger_shares_one_lock(
     with opened(second) as ledger:  # released: the other name may go on
         assert "c" in ledger.latest
 
-
-TRY_OPEN = """
-import sys
-from runner.errors import LedgerLockedError
-from runner.ledger.store import open_ledger
-try:
-    open_ledger(sys.argv[1], mock=False, base_url="u").close()
-except LedgerLockedError as exc:
-    print(exc.pid)
-    raise SystemExit(exc.exit_code)
-"""
 
 
 @pytest.mark.slow
