@@ -136,15 +136,13 @@ class Job:
         """The content hash of the first local image."""
         return self.uploads[0].sha256 if self.uploads else None
 
-    def body(self, uploaded: Mapping[Pointer, str] | str | None = None) -> dict[str, Any]:
+    def body(self, uploaded: Mapping[Pointer, str] | None = None) -> dict[str, Any]:
         """The JSON body to send: the request with each local image replaced by its URL.
 
-        ``uploaded`` maps upload pointers to the URLs the files were uploaded to (a plain
-        string stands for the first upload's URL). A local image without a URL is left out
-        of a list, or its key is dropped: the body then says what the fingerprint covers.
+        ``uploaded`` maps upload pointers to the URLs the files were uploaded to. A local
+        image without a URL is left out of a list, or its key is dropped: the body then
+        says what the fingerprint covers.
         """
-        if isinstance(uploaded, str):
-            uploaded = {self.uploads[0].pointer: uploaded} if self.uploads else {}
         urls = uploaded or {}
         body: dict[str, Any] = copy.deepcopy(dict(self.request))
         for upload in sorted(self.uploads, key=lambda u: u.pointer, reverse=True):

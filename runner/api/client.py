@@ -146,17 +146,14 @@ class Client:
         return aiohttp.ClientTimeout(total=total, connect=self.timeouts.connect,
                                      sock_connect=self.timeouts.connect)
 
-    async def submit(
-        self, job: Job, body: Mapping[str, Any] | str | None = None
-    ) -> Submitted:
+    async def submit(self, job: Job, body: Mapping[str, Any] | None = None) -> Submitted:
         """Create the job's task; raises an ``ApiError`` subclass for every failure.
 
         ``body`` is what to send (local images already uploaded); default ``job.body()``.
-        A string is the uploaded URL of the job's first local image, sent as
-        ``job.body(url)``. Only ``job.body`` and ``job.idempotency_key`` are read.
+        Only ``job.body`` and ``job.idempotency_key`` are read.
         """
         what = f"POST {SUBMIT_PATH}"
-        sent = dict(job.body(body) if body is None or isinstance(body, str) else body)
+        sent = dict(job.body() if body is None else body)
         try:
             payload = json.dumps(sent, allow_nan=False).encode()
         except (TypeError, ValueError, RecursionError) as exc:
