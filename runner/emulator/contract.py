@@ -7,10 +7,12 @@ and, for each model's request body, its schema in the model catalog (``schemas/m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from importlib import resources
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -292,11 +294,27 @@ def cost(model: str, resolution: str, seconds: int) -> float | None:
     return None if rate is None else round(seconds * rate, 4)
 
 
-def video_bytes(task_id: str, size: int = 4096) -> bytes:
-    """The emulator's deterministic "video" of a task: an MP4 ``ftyp`` box, then ``mdat``."""
-    ftyp = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"
-    payload = hashlib.shake_256(task_id.encode()).digest(size - len(ftyp) - 8)
-    return ftyp + (len(payload) + 8).to_bytes(4, "big") + b"mdat" + payload
+def video_bytes(task_id: str, size: int | None = None) -> bytes:
+    """The emulator's deterministic video of a task: a real, playable MP4, unique to the task.
+
+    It is ``data/sample.mp4`` (1 s, 64x64 H.264; ``data/README.md`` says how it was made) with
+    a ``free`` box naming the task appended after its last box, where no player looks and no
+    offset in ``moov`` points. ``size`` pads that box to make the file exactly ``size`` bytes;
+    a size too small for the sample and the task's name raises ValueError.
+    """
+    note = b"apimart-batch emulator video of " + task_id.encode() + b"\n"
+    length = 8 + len(note) if size is None else size - len(_sample_video())
+    if length < 8 + len(note):
+        smallest = len(_sample_video()) + 8 + len(note)
+        msg = f"'size' must be >= {smallest} for task {task_id!r} (got {size})"
+        raise ValueError(msg)
+    free = length.to_bytes(4, "big") + b"free" + note.ljust(length - 8, b"\0")
+    return _sample_video() + free
+
+
+@functools.cache
+def _sample_video() -> bytes:
+    return resources.files("runner.emulator").joinpath("data", "sample.mp4").read_bytes()
 
 
 def thumbnail_bytes(task_id: str) -> bytes:
