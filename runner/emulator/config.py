@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,7 @@ class EmulatorConfig:
     fail_reason_field: bool = False
     url_as_string: bool = False
     link_ttl: int = 86400
+    fresh_links: bool = False
     legacy_values: bool = False
     idempotency: bool = True
     p_429: float = 0.0
@@ -43,6 +45,8 @@ class EmulatorConfig:
     p_html_200: float = 0.0
     quota: int | None = None
     quota_status: int = 402
+    balance_usd: float | None = None
+    balance_fails: bool = False
     p_poll_error: float = 0.0
     p_download_reset: float = 0.0
     adopt_tasks: bool = False
@@ -88,6 +92,10 @@ class EmulatorConfig:
         if self.quota is not None and self.quota < 0:
             msg = f"'quota' must be >= 0 (got {self.quota})"
             raise ValueError(msg)
+        usd = self.balance_usd
+        if usd is not None and not (math.isfinite(usd) and usd >= 0):
+            msg = f"'balance_usd' must be a finite number >= 0 (got {usd})"
+            raise ValueError(msg)
 
     @property
     def submit_faults(self) -> tuple[tuple[str, float], ...]:
@@ -119,6 +127,9 @@ HELP: dict[str, str] = {
     "fail_reason_field": "failed tasks carry 'fail_reason' instead of 'error'",
     "url_as_string": "result.videos[].url is a string, not a list (old doc revision)",
     "link_ttl": "seconds a video link stays valid after completion",
+    "fresh_links": "a task query after a video link expired hands out a new link, valid "
+    "for --link-ttl from then; the old one stays expired. ASSUMPTION: the docs do not say "
+    "whether APIMart re-issues links",
     "legacy_values": "also accept the older durations 10/15 (sora-2) and 10/15/25 (pro)",
     "idempotency": "honour Idempotency-Key (--no-idempotency: ignore it, like an old gateway)",
     "p_429": "probability that a submit is refused with 429",
@@ -136,6 +147,9 @@ HELP: dict[str, str] = {
     "p_html_200": "probability that a submit creates the task, then answers 200 with HTML",
     "quota": "tasks that may be created before submits are refused (default: unlimited)",
     "quota_status": "refusal once the quota is used: 402, or 403 insufficient_user_quota",
+    "balance_usd": "/v1/balance reports this many USD less the cost of the tasks created "
+    "(reporting only: --quota refuses submits; default: the quota, counted in tasks)",
+    "balance_fails": "/v1/balance answers the documented failure: HTTP 200, success false",
     "p_poll_error": "probability that a task query answers 500, 502 or 429",
     "p_download_reset": "probability that a video download stops halfway and drops",
     "adopt_tasks": "answer for well-formed task ids of an earlier emulator process (as sora-2 "
@@ -156,8 +170,10 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "unavailable_status": (503, 404),
 }
 #: Flags not named after their knob: a repeatable flag takes one value each time.
-_FLAG_NAMES = {"retired_models": "retire-model"}
+_FLAG_NAMES = {"retired_models": "retire-model", "balance_usd": "balance"}
 _METAVARS = {"float": "X", "int": "N", "Path": "DIR", "frozenset[str]": "ID"}
+#: Metavars that say more than the knob's type.
+_KNOB_METAVARS = {"balance_usd": "USD"}
 _DEST = "emulator_"
 
 
@@ -180,7 +196,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, prefix: str = "") -> None:
             group.add_argument(flag, dest=dest, default=default, help=help_text, action=action)
             continue
         kind = str(f.type).split(" | ")[0]
-        metavar = _METAVARS.get(kind, "TEXT")
+        metavar = _KNOB_METAVARS.get(f.name) or _METAVARS.get(kind, "TEXT")
         if isinstance(default, frozenset):
             group.add_argument(flag, dest=dest, action="append", help=help_text, metavar=metavar)
             continue

@@ -140,10 +140,26 @@ class TaskRoutes:
         return web.json_response({"code": 200, "data": view})
 
     async def balance(self, request: web.Request) -> web.Response:
-        """Tasks left in the quota; a bad key is the documented HTTP 200 ``success: false``."""
+        """The key's balance: USD with ``balance_usd``, else tasks left in the quota.
+
+        A bad key, or ``balance_fails``, is the documented HTTP 200 ``success: false``.
+        """
         if _bearer_key(request, self.config) is None:
             failure = {"success": False, "message": "token not found: record not found"}
             return web.json_response(failure)
+        if self.config.balance_fails:
+            failure = {"success": False, "message": "failed to get the balance: record not found"}
+            return web.json_response(failure)
+        if self.config.balance_usd is not None:
+            spent = round(sum(self._tasks.billed(task) for task in self._tasks.tasks.values()), 4)
+            return web.json_response(
+                {
+                    "success": True,
+                    "remain_balance": round(max(0.0, self.config.balance_usd - spent), 4),
+                    "used_balance": spent,
+                    "unlimited_quota": False,
+                }
+            )
         used = len(self._tasks.tasks)
         quota = self.config.quota
         return web.json_response(
@@ -200,7 +216,7 @@ class MediaRoutes:
         task = self._tasks.finished(name.rpartition("video_")[2].removesuffix(".mp4"))
         if task is None:
             return self._faults.refuse_file(404)
-        if self._clock() >= self._tasks.completed_at(task) + self.config.link_ttl:
+        if self._clock() >= self._tasks.link_expiry(task, name):
             return self._faults.refuse_file(403)
         body = contract.video_bytes(task.id)
         if action == "reset":

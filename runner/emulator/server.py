@@ -25,7 +25,17 @@ Decisions where the contract (apimart-api.md) is silent:
   after the task was created, like a gateway that lost the upstream's answer;
 - the rate limiter is a token bucket on the injected clock, burst = one second's worth;
 - balance is counted in tasks: ``used_balance`` = tasks created, ``remain_balance`` = quota left;
-  a missing or wrong key on ``/v1/balance`` is the documented HTTP 200 ``success: false``.
+  a missing or wrong key on ``/v1/balance`` is the documented HTTP 200 ``success: false``;
+- with ``balance_usd``, ``/v1/balance`` reports USD instead: ``used_balance`` = the ``cost`` of
+  every task created so far (billed at creation, whatever its outcome, never refunded; an
+  unpriced model costs 0), ``remain_balance`` = ``balance_usd`` less that, never below 0,
+  ``unlimited_quota: false``. It only reports: the ``quota`` knob alone refuses submits;
+- ``balance_fails`` makes every ``/v1/balance`` answer the documented failure (HTTP 200,
+  ``success: false`` and a message), even for a good key;
+- a video link expires ``link_ttl`` after completion, and a task query keeps handing out the
+  expired link. The docs do not say whether APIMart re-issues links on a later query; with
+  ``fresh_links`` a query at or after expiry hands out a new link (a new name) valid
+  ``link_ttl`` from then, and every link keeps its own expiry (the old one stays expired).
 """
 
 from __future__ import annotations

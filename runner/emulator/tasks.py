@@ -2,6 +2,8 @@
 
 A task's status is computed from the injected clock on every read (pending for the first
 10% of ``task_seconds``, then processing, then its outcome), so nothing here runs by itself.
+The one change a read makes: with ``fresh_links``, a task query after the video link expired
+issues the task a new link (:meth:`TaskStore.current_link`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from runner.emulator import contract
@@ -31,6 +33,8 @@ class Task:
     resolution: str
     thumbnail: bool
     failure: dict[str, Any] | None
+    #: Video links issued after the first expired (``fresh_links``): (file name, expires_at).
+    reissued: list[tuple[str, int]] = field(default_factory=list)
 
 
 class TaskStore:
@@ -112,6 +116,10 @@ class TaskStore:
         self.idempotency_key_by_task[task.id] = sent_key
         return task
 
+    def billed(self, task: Task) -> float:
+        """USD the task costs (``cost`` of its completed query); 0 for an unpriced model."""
+        return contract.cost(task.model, task.resolution, task.seconds) or 0.0
+
     def get(self, task_id: str) -> Task | None:
         """The task behind an id; with ``adopt_tasks``, also one an earlier process created."""
         task = self.tasks.get(task_id)
@@ -135,6 +143,38 @@ class TaskStore:
     def completed_at(self, task: Task) -> int:
         """The unix second the task finishes (or finished)."""
         return int(task.created + self.config.task_seconds)
+
+    def current_link(self, task: Task) -> tuple[str, int]:
+        """The file name and ``expires_at`` a task query hands out for a completed task's video.
+
+        The first link lasts ``link_ttl`` from completion. With ``fresh_links``, a query at or
+        after the current link's expiry issues a new name, valid ``link_ttl`` from now; the
+        names issued before keep their own expiry. ASSUMPTION: the docs (apimart-api.md §1.3,
+        §3) are silent on whether APIMart re-issues links on a later query; off by default.
+        """
+        name, expires = task.reissued[-1] if task.reissued else self._first_link(task)
+        now = self._clock()
+        if self.config.fresh_links and now >= expires:
+            # The generation number keeps two links issued in one second apart.
+            name = f"{int(now)}-{len(task.reissued) + 1}-video_{task.id}.mp4"
+            expires = int(now) + self.config.link_ttl
+            task.reissued.append((name, expires))
+        return name, expires
+
+    def link_expiry(self, task: Task, name: str) -> int:
+        """When the video file ``name`` of ``task`` stops being served.
+
+        A re-issued name has its own expiry; any other name (the first link) expires
+        ``link_ttl`` after completion.
+        """
+        for issued, expires in task.reissued:
+            if issued == name:
+                return expires
+        return self._first_link(task)[1]
+
+    def _first_link(self, task: Task) -> tuple[str, int]:
+        name = f"{int(task.created)}-video_{task.id}.mp4"
+        return name, self.completed_at(task) + self.config.link_ttl
 
     def finished(self, task_id: str) -> Task | None:
         """The completed task behind a file name, while its links are valid."""
@@ -165,9 +205,10 @@ class TaskStore:
             else:
                 data["error"] = dict(task.failure)
             return data
-        url = f"{origin}/f/video/{created}-video_{task.id}.mp4"
+        name, expires = self.current_link(task)
+        url = f"{origin}/f/video/{name}"
         video: dict[str, Any] = {"url": url if self.config.url_as_string else [url]}
-        video["expires_at"] = completed + self.config.link_ttl
+        video["expires_at"] = expires
         result: dict[str, Any] = {}
         if task.thumbnail:
             result["thumbnail_url"] = f"{origin}/f/image/{created}-thumbnail_{task.id}.jpg"
