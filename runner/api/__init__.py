@@ -6,7 +6,7 @@ rejected, model unavailable, fatal); answers are parsed defensively and scrubbed
 
 from __future__ import annotations
 
-from runner.api.answers import Submitted, TaskState, Uploaded, valid_task_id
+from runner.api.answers import Balance, Submitted, TaskState, Uploaded, valid_task_id
 from runner.api.client import DEFAULT_BASE_URL, Client, Timeouts
 from runner.api.failures import is_quota
 from runner.api.retry import RetryPolicy
@@ -14,6 +14,7 @@ from runner.api.secret import Secret, api_key_from_env, key_file_warning
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "Balance",
     "Client",
     "RetryPolicy",
     "Secret",

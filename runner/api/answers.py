@@ -3,9 +3,10 @@
 A body is read up to ``MAX_ANSWER_BYTES`` and parsed up to ``MAX_JSON_DEPTH``; each field is
 checked for type, finiteness and range before use; a task id must pass :func:`valid_task_id`
 and a link must be an http(s) URL. A reader (:func:`read_submitted`, :func:`read_task`,
-:func:`read_uploaded`) returns the result of a success, None for "not a success" (then
-``runner.api.failures.classify`` decides), or raises an ``ApiError`` for a success it cannot
-trust. Server text is scrubbed of the key, made printable and cut to ``MAX_TEXT``.
+:func:`read_uploaded`, :func:`read_balance`) returns the result of a success, None for "not a
+success" (then ``runner.api.failures.classify`` decides), or raises an ``ApiError`` for a
+success it cannot trust. Server text is scrubbed of the key, made printable and cut to
+``MAX_TEXT``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 from runner.api.secret import Secret, scrub
-from runner.errors import AmbiguousError, RetryableError
+from runner.errors import AmbiguousError, RejectedError, RetryableError
 
 #: The largest API answer read (uploads and task documents are a few KiB).
 MAX_ANSWER_BYTES: Final = 1 << 20
@@ -71,6 +72,22 @@ class Uploaded:
 
     url: str
     created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """What ``GET /v1/balance`` says about the key's balance (apimart-api.md §5).
+
+    The unit is whatever the account is configured in (USD, CNY or tokens, per the docs).
+
+    Attributes:
+        remain: what is left; None when the quota is unlimited (``remain_balance: -1`` or
+            ``unlimited_quota: true``).
+        used: what has been spent; None when the answer does not say.
+    """
+
+    remain: float | None
+    used: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +189,49 @@ def read_uploaded(answer: Answer, body: object, what: str, secret: Secret) -> Up
     created = finite(body.get("created_at"))
     when = created if created is not None and 0 < created < _LATEST_UNIX else time.time()
     return Uploaded(url=url, created_at=when)
+
+
+def read_balance(answer: Answer, body: object, what: str, secret: Secret) -> Balance | None:
+    """The balance a ``GET /v1/balance`` answer gives.
+
+    An answer that is not a 200 JSON success is left to ``classify``. The documented failure,
+    HTTP 200 with ``success: false``, raises ``RejectedError`` with the server's message;
+    a 200 whose fields are missing or of the wrong type raises ``RetryableError``.
+    ``remain_balance`` may be negative (an overdraft) but for -1, which means unlimited.
+    """
+    if answer.status != 200 or not _says_ok(body):
+        return None
+    assert isinstance(body, dict)
+    head = headline(200, what)
+    success = body.get("success", True)
+    if success is False:
+        text = _server_text(body.get("message"), secret) or "no message"
+        msg = f"{head}: the balance lookup failed: {text}"
+        raise RejectedError(msg, status=200)
+    unlimited = body.get("unlimited_quota", False)
+    remain = finite(body.get("remain_balance"))
+    used = finite(body.get("used_balance"))
+    wrong = [
+        name for name, bad in (
+            ("success", success is not True),
+            ("unlimited_quota", not isinstance(unlimited, bool)),
+            ("remain_balance", remain is None and unlimited is not True),
+            ("used_balance", used is None and body.get("used_balance") is not None),
+        ) if bad
+    ]  # fmt: skip
+    if wrong:
+        shown = ", ".join(f"{name} = {_typed(body[name], secret)}" if name in body
+                          else f"no {name}" for name in wrong)
+        msg = f"{head}: not a balance ({shown})"
+        raise RetryableError(msg, status=200)
+    return Balance(remain=None if unlimited is True or remain == -1 else remain, used=used)
+
+
+def _typed(value: object, secret: Secret | None) -> str:
+    """A value fit to quote where its type matters: a string always in quotes."""
+    if isinstance(value, str):
+        return f"'{clip(printable(scrub(value, secret)), 80)}'"
+    return quoted(value, secret)
 
 
 def task_ids(body: Mapping[str, Any]) -> list[object]:

@@ -30,6 +30,7 @@ from runner.api.answers import (
     MAX_ANSWER_BYTES,
     TERMINAL_STATES,
     Answer,
+    Balance,
     Reader,
     Submitted,
     TaskState,
@@ -38,6 +39,7 @@ from runner.api.answers import (
     normal_status,
     parse_json,
     quoted,
+    read_balance,
     read_submitted,
     read_task,
     read_uploaded,
@@ -60,6 +62,7 @@ from runner.models import Job
 __all__ = [
     "DEFAULT_BASE_URL",
     "TERMINAL_STATES",
+    "Balance",
     "Client",
     "Secret",
     "Submitted",
@@ -72,6 +75,7 @@ __all__ = [
 
 DEFAULT_BASE_URL: Final = "https://api.apimart.ai"
 SUBMIT_PATH: Final = "/v1/videos/generations"
+BALANCE_PATH: Final = "/v1/balance"
 USER_AGENT: Final = "apimart-batch/0.1"
 
 T = TypeVar("T")
@@ -186,6 +190,21 @@ class Client:
         )
         return _settle(answer, what, partial(read_task, task_id), secret=self.api_key,
                        mutating=False)
+
+    async def balance(self) -> Balance:
+        """The key's balance: one ``GET /v1/balance``, no retry, the poll time limit.
+
+        Every failure raises an ``ApiError`` scrubbed of the key: an HTTP error is
+        classified as any other answer; the documented HTTP 200 ``success: false`` is a
+        ``RejectedError`` carrying the server's message; a body that is not a balance is a
+        ``RetryableError``.
+        """
+        what = f"GET {BALANCE_PATH}"
+        answer = await self._send(
+            "GET", self.base_url + BALANCE_PATH, what, sent=False, seconds=self.timeouts.poll,
+            headers=self._headers(),
+        )
+        return _settle(answer, what, read_balance, secret=self.api_key, mutating=False)
 
     async def upload_image(self, data: bytes, filename: str) -> Uploaded:
         """Upload an image's bytes; the caller must not retry an ``AmbiguousError``."""
