@@ -9,7 +9,7 @@ import shlex
 import signal
 import time
 from collections import Counter
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass, field
 from functools import partial
@@ -18,7 +18,7 @@ from pathlib import Path
 from runner.api import DEFAULT_BASE_URL, Client, RetryPolicy, Secret, Timeouts, is_quota
 from runner.console import Console
 from runner.engine import (
-    NO_VIDEO_STATES,
+    NEEDS_ACTION,
     POLLABLE_STATES,
     Decision,
     Limiter,
@@ -31,6 +31,8 @@ from runner.engine import (
     interrupts,
     merged_error,
     prepare_out,
+    regenerate_hint,
+    rerun_command,
     run_pool,
     show_progress,
     warn_other_targets,
@@ -42,6 +44,7 @@ from runner.errors import (
     EXIT_OK,
     EXIT_SIGINT,
     EXIT_SIGTERM,
+    ApiError,
     LedgerError,
     RunnerError,
 )
@@ -53,10 +56,23 @@ from runner.models import Job
 SUMMARY_ORDER = (
     "submitted", "rejected", "error", "unknown", "already done", "already unknown",
     "already rejected", "completed", "failed", "cancelled", "not_found", "poll errors",
-    "downloaded", "download errors", "expired",
+    "downloaded", "fresh links", "missing files", "download errors", "file conflicts",
+    "expired",
 )  # fmt: skip
-#: Final states that a person has to look at: the run exits 1 while any job is in one.
-NEEDS_ACTION = frozenset({"rejected", "error", "unknown"}) | NO_VIDEO_STATES
+#: Failed or rejected outcomes this run must see before a share can halt it.
+HALT_SAMPLE = 10
+
+
+@dataclass(frozen=True, slots=True)
+class HaltAfter:
+    """``--halt-after``: stop submitting after ``count`` failed or rejected jobs of this
+    run, or once ``share`` of the jobs sent this run (at least ``HALT_SAMPLE``) did."""
+
+    count: int | None = None
+    share: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.count}" if self.count is not None else f"{(self.share or 0) * 100:g}%"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +90,9 @@ class RunConfig:
     retry_ambiguous: bool = False
     resubmit_unknown: bool = False
     resubmit_changed: bool = False
+    retry_failed: bool = False
+    halt_after: HaltAfter | None = field(default_factory=lambda: HaltAfter(share=0.5))
+    check_balance: bool = True
     mock: bool = False
     base_url: str = DEFAULT_BASE_URL
     summary_json: str | None = None
@@ -91,12 +110,16 @@ def _recorded_base_url(config: RunConfig) -> str:
 
 
 class Ledgers:
-    """The ledgers of one run, addressed by job id (job ids are unique across manifests)."""
+    """The ledgers of one run, addressed by job id (job ids are unique across manifests).
+
+    ``on_row(job_id, status)`` hears of every row appended (the halt rule counts there).
+    """
 
     def __init__(self, by_job: Mapping[str, Ledger], ledgers: Sequence[Ledger]) -> None:
         self._by_job = by_job
         self.all = ledgers
         self.latest: dict[str, Mapping[str, str]] = {}
+        self.on_row: Callable[[str, str], None] | None = None
         for ledger in ledgers:
             self.latest.update(ledger.latest)
 
@@ -105,10 +128,40 @@ class Ledgers:
         ledger = self._by_job[job_id]
         ledger.append(job_id, **fields)
         self.latest[job_id] = ledger.latest[job_id]
+        if self.on_row is not None:
+            self.on_row(job_id, self.latest[job_id]["status"])
 
     def row(self, job_id: str) -> Mapping[str, str] | None:
         """The job's latest row in its own ledger."""
         return self._by_job[job_id].latest.get(job_id)
+
+
+@dataclass
+class Halt:
+    """The ``--halt-after`` rule: counts this run's sent jobs and bad ends, and says when."""
+
+    rule: HaltAfter
+    stop: asyncio.Event
+    sent: set[str] = field(default_factory=set)
+    bad: int = 0
+    reason: str | None = None
+
+    def on_row(self, job_id: str, status: str) -> None:
+        """Count one row (``Ledgers.on_row``); set ``stop`` once the rule is met."""
+        if status in ("submitted", "rejected"):
+            self.sent.add(job_id)
+        if status in ("rejected", "failed", "cancelled") and job_id in self.sent:
+            self.bad += 1
+        if self.reason is None and self._met():
+            self.reason = (f"{self.bad} of the {len(self.sent)} jobs sent this run failed or "
+                           f"were rejected (--halt-after {self.rule})")
+            self.stop.set()
+
+    def _met(self) -> bool:
+        if self.rule.count is not None:
+            return self.bad >= self.rule.count
+        share = self.rule.share or 0.0
+        return len(self.sent) >= HALT_SAMPLE and share > 0 and self.bad >= share * len(self.sent)
 
 
 @dataclass
@@ -130,6 +183,9 @@ class Outcome:
     elapsed: float = 0.0
     signal: int | None = None
     fatal: str | None = None
+    refused: int = 0
+    held_by_balance: int = 0
+    halted: str | None = None
 
 
 async def run(config: RunConfig, console: Console) -> int:
@@ -144,6 +200,9 @@ async def run(config: RunConfig, console: Console) -> int:
         selected = _select(decisions, config, prices, outcome, console)
         if not selected and not config.wait:
             return _finish(outcome, ledgers, jobs, config, console)
+        # Checked before any request: an unusable folder must not cost a purchase.
+        out = prepare_out(config.out or default_out(str(ledgers.all[0].path))) \
+            if config.wait else None
         async with AsyncExitStack() as astack:
             base_url, key = await connect(astack, mock=config.mock, config_key=config.api_key,
                                           base_url=config.base_url, console=console)
@@ -151,8 +210,11 @@ async def run(config: RunConfig, console: Console) -> int:
                 Client(base_url, key, pool=config.concurrency,
                        timeouts=Timeouts(submit=config.timeout))
             )
+            if selected and config.check_balance:
+                selected = await _check_balance(client, selected, prices, config, outcome,
+                                                console)
             await _submit_all(selected, client, ledgers, config, console, outcome,
-                              every=[job.job_id for job in jobs])
+                              every=[job.job_id for job in jobs], out=out)
         # Only what reached the API may cost money: submitted, or unknown (maybe billed).
         sent = [job for job in selected if ledgers.latest.get(job.job_id, {}).get("status")
                 not in (None, "error", "rejected")]
@@ -160,6 +222,45 @@ async def run(config: RunConfig, console: Console) -> int:
         outcome.estimate = sum(cost for cost in costs if cost is not None)
         outcome.unpriced = sum(1 for cost in costs if cost is None)
         return _finish(outcome, ledgers, jobs, config, console)
+
+
+async def _check_balance(
+    client: Client,
+    selected: list[Job],
+    prices: Mapping[str, float | None],
+    config: RunConfig,
+    outcome: Outcome,
+    console: Console,
+) -> list[Job]:
+    """The jobs to send after the balance check: all, or none when they cannot be paid.
+
+    A lookup that fails never blocks the run: it only says the check was skipped.
+    """
+    costs = [pricing.estimate(job, prices) for job in selected]
+    estimate = sum(cost for cost in costs if cost is not None)
+    unpriced = sum(1 for cost in costs if cost is None)
+    deadline = config.timing.deadline
+    try:
+        async with asyncio.timeout(None if deadline is None
+                                   else max(0.0, deadline - time.monotonic())):
+            balance = await client.balance()
+    except (ApiError, TimeoutError) as exc:
+        why = exc.message.splitlines()[0] if isinstance(exc, ApiError) else "--deadline reached"
+        console.warn(f"balance check skipped: {why}")
+        return selected
+    if balance.remain is None or estimate <= balance.remain + 1e-9:
+        return selected
+    if config.budget is not None and config.budget <= balance.remain + 1e-9:
+        return selected  # --budget already keeps this run within the balance
+    more = f" + {unpriced} jobs of unknown price" if unpriced else ""
+    outcome.fatal = (
+        f"balance: the API reports {balance.remain:.2f} left, and the {len(selected)} jobs "
+        f"about to be sent are estimated at ${estimate:.2f}{more}; nothing new was sent\n"
+        f"  hint: top up, or cap the run with --budget {balance.remain:.2f} or --max-jobs N; "
+        "if the balance is not in USD, pass --no-balance-check"
+    )
+    outcome.held_by_balance = len(selected)
+    return []
 
 
 def _open_ledgers(
@@ -186,7 +287,7 @@ def _open_ledgers(
 
 def _decide(job: Job, ledgers: Ledgers, config: RunConfig) -> Decision:
     return decide(job, ledgers.row(job.job_id), resubmit_unknown=config.resubmit_unknown,
-                  resubmit_changed=config.resubmit_changed)
+                  resubmit_changed=config.resubmit_changed, retry_failed=config.retry_failed)
 
 
 def _select(
@@ -249,16 +350,24 @@ async def _submit_all(
     outcome: Outcome,
     *,
     every: Sequence[str],
+    out: Path | None,
 ) -> None:
-    """Submit ``jobs``; with --wait, poll and download ``every`` job's task meanwhile."""
-    stop = asyncio.Event()
+    """Submit ``jobs``; with --wait, poll and download ``every`` job's task meanwhile.
+
+    Two stops: ``stop`` (a signal, a broken ledger, a fatal answer to a poll) ends every
+    stage; ``halt`` (a fatal answer to a submission, --halt-after) ends submission only,
+    and with --wait the tasks already created are still polled and downloaded.
+    """
+    stop, halt = asyncio.Event(), asyncio.Event()
     limiter = Limiter(config.concurrency, rate=config.rate)
     submitter = Submitter(client=client, ledger=ledgers, limiter=limiter,
-                          policy=config.policy, stop=stop,
+                          policy=config.policy, stop=halt,
                           retry_ambiguous=config.retry_ambiguous)
+    halting = Halt(config.halt_after, halt) if config.halt_after is not None else None
+    if halting is not None:
+        ledgers.on_row = halting.on_row
     media = None
-    if config.wait:
-        out = prepare_out(config.out or default_out(str(ledgers.all[0].path)))
+    if out is not None:
         # A --mock rerun serves earlier runs' video links from this process's emulator.
         media = Media(client, ledgers, config, stop, limiter, out=out,
                       base_url=_recorded_base_url(config),
@@ -287,11 +396,15 @@ async def _submit_all(
             media.poller.add(job.job_id, row["task_id"])
 
     async def submit_phase() -> None:
-        await run_pool(jobs, work, workers=config.concurrency, stop=stop)
+        await run_pool(jobs, work, workers=config.concurrency, stop=halt)
         if media is not None:
             media.poller.close()
             console.end_progress()
             show_progress(media, console)
+
+    async def relay() -> None:
+        await stop.wait()  # whatever stops the run stops submission too
+        halt.set()
 
     failures: list[LedgerError] = []
 
@@ -306,6 +419,7 @@ async def _submit_all(
     try:
         async with interrupts(stop) as caught, asyncio.TaskGroup() as group:
             syncing = group.create_task(guarded(keep_synced(ledgers.all)))
+            relaying = group.create_task(relay())
             phases = [group.create_task(submit_phase())]
             if media is not None:
                 # Every job of the manifests: earlier runs' tasks are polled and fetched too.
@@ -315,6 +429,7 @@ async def _submit_all(
                 phases.append(group.create_task(guarded(media.run())))
             await asyncio.wait(phases)
             syncing.cancel()
+            relaying.cancel()
     except* RunnerError as errors:
         console.end_progress()
         raise merged_error(errors) from None
@@ -324,6 +439,7 @@ async def _submit_all(
     outcome.elapsed = time.monotonic() - started
     outcome.counts.update(submitter.counts)
     outcome.unavailable.update(submitter.unavailable)
+    outcome.refused = submitter.refused
     if media is not None:
         outcome.counts.update(media.counts())
         outcome.still_running = media.poller.waiting
@@ -337,8 +453,10 @@ async def _submit_all(
                 outcome.counts["unknown"] += 1
                 done += 1
     outcome.not_started = len(jobs) - done
+    if halting is not None and halting.reason is not None and submitter.fatal is None:
+        outcome.halted = halting.reason
     fatal = submitter.fatal or (media.fatal() if media is not None else None)
-    if fatal is not None:
+    if fatal is not None and outcome.fatal is None:
         if is_quota(fatal):
             what, then = "APIMart says the balance is insufficient", "rerun after topping up"
         elif fatal.status in (401, 403):
@@ -346,7 +464,20 @@ async def _submit_all(
             then = "fix the key, then rerun"
         else:
             what, then = fatal.message.splitlines()[0], "check --base-url, then rerun"
-        outcome.fatal = f"{what}; {outcome.not_started} jobs not submitted; {then}"
+        when = "to a poll" if submitter.fatal is None else f"{outcome.refused} jobs refused"
+        outcome.fatal = f"{what}: {when}, {outcome.not_started} not submitted"
+        created = outcome.counts["submitted"]
+        if submitter.fatal is not None and media is not None and media.poller.fatal is None:
+            got = outcome.counts["downloaded"]
+            if created or got or outcome.still_running:
+                outcome.fatal += (f"; the tasks already created were still collected ({got} "
+                                  f"downloaded, {outcome.still_running} still running)")
+        elif submitter.fatal is not None and created:
+            ledger = shlex.quote(str(ledgers.all[0].path))
+            outcome.fatal += (f"; the {created} tasks created before it are recorded "
+                              f"('apimart-batch status {ledger} --wait', then 'apimart-batch "
+                              f"download {ledger}' collect them)")
+        outcome.fatal += f"; {then}"
 
 
 def _finish(
@@ -373,6 +504,9 @@ def _finish(
         "held_by_budget": outcome.held_by_budget,
         "held_by_deadline": outcome.held_by_deadline,
         "not_started": outcome.not_started,
+        "refused": outcome.refused,
+        "held_by_balance": outcome.held_by_balance,
+        "halted": outcome.halted,
         "estimated_cost_usd": round(outcome.estimate, 2),
         "unpriced_jobs": outcome.unpriced,
         "unavailable_models": dict(outcome.unavailable),
@@ -380,7 +514,7 @@ def _finish(
         "ledgers": [str(lg.path) for lg in ledgers.all],
         "mock": config.mock,
     }
-    _print_summary(summary, outcome, config, console)
+    _print_summary(summary, outcome, ledgers, jobs, config, console)
     if config.summary_json:
         _write_json(config.summary_json, summary, console)
     return code
@@ -394,7 +528,7 @@ def _exit_code(outcome: Outcome, states: Mapping[str, int], *, wait: bool) -> in
     # With --wait, the run promised videos on disk: anything short of that needs a rerun.
     unfinished = (POLLABLE_STATES | {"completed"}) if wait else frozenset()
     held = outcome.held_by_budget or outcome.held_by_deadline
-    if held or outcome.changed or outcome.other_target or any(
+    if held or outcome.halted or outcome.changed or outcome.other_target or any(
         states.get(s) for s in NEEDS_ACTION | unfinished
     ):
         return EXIT_JOBS_FAILED
@@ -402,7 +536,12 @@ def _exit_code(outcome: Outcome, states: Mapping[str, int], *, wait: bool) -> in
 
 
 def _print_summary(
-    summary: Mapping[str, object], outcome: Outcome, config: RunConfig, console: Console
+    summary: Mapping[str, object],
+    outcome: Outcome,
+    ledgers: Ledgers,
+    jobs: Sequence[Job],
+    config: RunConfig,
+    console: Console,
 ) -> None:
     runs = outcome.counts
     order = {name: i for i, name in enumerate(SUMMARY_ORDER)}
@@ -435,6 +574,18 @@ def _print_summary(
         )
     if outcome.signal is not None:
         console.error(f"interrupted: {outcome.not_started} jobs not submitted; rerun to continue")
+    if outcome.halted:
+        console.error(
+            f"halted: {outcome.halted}; stopped submitting, {outcome.not_started} jobs not "
+            "submitted; what was in flight is recorded\n  hint: look at why they failed "
+            "('apimart-batch report LEDGER'), fix the manifest, then rerun (--halt-after off "
+            "never halts)"
+        )
+    rows = [row for job in jobs if (row := ledgers.latest.get(job.job_id)) is not None]
+    hint = regenerate_hint(rows, ledger=config.ledger, mock=config.mock,
+                           base_url=config.base_url)
+    if hint:
+        console.warn(hint)
     unknown = summary["unknown"]
     assert isinstance(unknown, list)
     if unknown:
@@ -449,14 +600,8 @@ def _print_summary(
 
 def resubmit_command(config: RunConfig) -> str:
     """The command that resends this run's 'unknown' jobs: same manifests, ledger and target."""
-    words = ["apimart-batch", "run", *config.manifests]
-    if config.ledger:
-        words += ["--ledger", config.ledger]
-    if config.mock:
-        words.append("--mock")
-    elif config.base_url.rstrip("/") != DEFAULT_BASE_URL:
-        words += ["--base-url", config.base_url]
-    return shlex.join([*words, "--resubmit-unknown"])
+    return rerun_command(config.manifests, "--resubmit-unknown", ledger=config.ledger,
+                         mock=config.mock, base_url=config.base_url)
 
 
 def _write_json(path: str, data: Mapping[str, object], console: Console) -> None:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from runner import __version__, emulator, report
 from runner.api import DEFAULT_BASE_URL, RetryPolicy, Secret, api_key_from_env, key_file_warning
-from runner.app import RunConfig
+from runner.app import HALT_SAMPLE, HaltAfter, RunConfig
 from runner.app import run as run_jobs
 from runner.console import Console
 from runner.engine import LedgerConfig, PollTiming, decide, run_download, run_status
-from runner.errors import LedgerError, ManifestError, RunnerError, UsageError
+from runner.errors import ApiError, LedgerError, ManifestError, RunnerError, UsageError
 from runner.ledger import ledger_is_mock, ledger_path, read_latest
 from runner.manifest import bundled_schema, load_catalog, load_manifests, pricing
 from runner.report import models_listing, render_models
@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ledger", metavar="PATH",
                    help="ledger to compare with (default: beside the manifest)")
     p.add_argument("--mock", action="store_true", help="compare with the --mock ledger")
+    _add_retry_failed_flag(p)
+    p.add_argument("--balance", action="store_true",
+                   help="also read the account balance (GET /v1/balance; needs the key) and "
+                        "compare it with the estimate")
+    _add_target_flags(p, mock=False)
     p.set_defaults(func=cmd_plan)
 
     p = command("schema", "Print the manifest JSON Schema (self-contained), or one model's.")
@@ -138,7 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resend 'unknown' jobs (same Idempotency-Key; may pay twice if the "
                         "server ignores keys)")
     p.add_argument("--resubmit-changed", action="store_true",
-                   help="resend jobs whose request changed since they were submitted")
+                   help="resend jobs whose request changed since they were submitted (a new "
+                        "take, once the earlier task's video is safe or lost)")
+    _add_retry_failed_flag(p)
+    p.add_argument("--halt-after", type=_halt_after, default=HaltAfter(share=0.5),
+                   metavar="N|P%",
+                   help="stop submitting once N jobs of this run failed or were rejected, or "
+                        f"P%% of those sent (after {HALT_SAMPLE}); in-flight work is recorded, "
+                        "exit 1 (default 50%%; 'off' never halts)")
+    p.add_argument("--no-balance-check", action="store_true",
+                   help="do not read the balance before sending (by default a run whose "
+                        "estimate exceeds it is refused; a failed lookup only warns)")
     _add_price_flag(p)
     _add_target_flags(p)
     _add_output_flags(p)
@@ -163,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--concurrency", type=_positive_int, default=4, metavar="N",
                    help="downloads at once (default 4)")
     _add_media_flags(p, poll=False)
-    _add_target_flags(p, mock=False, key=False)
+    _add_target_flags(p, mock=False, key_use="optional: asks expired tasks for a fresh link")
     _add_output_flags(p)
     p.set_defaults(func=cmd_download)
 
@@ -179,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     emulator.add_arguments(p)
     p.set_defaults(func=cmd_mock_server)
     return parser
+
+
+def _add_retry_failed_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--retry-failed", action="store_true",
+                   help="buy again the jobs whose task failed or was cancelled, or whose link "
+                        "expired before download: a new take, a new Idempotency-Key")
 
 
 def _add_unknown_model_flag(p: argparse.ArgumentParser) -> None:
@@ -217,18 +238,19 @@ def _timing(args: argparse.Namespace, *, mock: bool) -> PollTiming:
                       deadline=deadline)
 
 
-def _add_target_flags(p: argparse.ArgumentParser, *, mock: bool = True, key: bool = True) -> None:
+def _add_target_flags(
+    p: argparse.ArgumentParser, *, mock: bool = True, key_use: str | None = None
+) -> None:
     if mock:
         p.add_argument("--mock", action="store_true",
                        help="use the built-in emulator: no API key, nothing real sent or billed")
     p.add_argument("--base-url", metavar="URL",
                    default=os.environ.get("APIMART_BASE_URL", DEFAULT_BASE_URL),
                    help="API base URL (env APIMART_BASE_URL; default %(default)s)")
-    if key:
-        p.add_argument("--key-file", metavar="FILE",
-                       default=os.environ.get("APIMART_API_KEY_FILE"),
-                       help="read the API key from this file (env APIMART_API_KEY_FILE); "
-                            "default: env APIMART_API_KEY")
+    p.add_argument("--key-file", metavar="FILE",
+                   default=os.environ.get("APIMART_API_KEY_FILE"),
+                   help="read the API key from this file (env APIMART_API_KEY_FILE); "
+                        "default: env APIMART_API_KEY" + (f"; {key_use}" if key_use else ""))
 
 
 def _add_output_flags(p: argparse.ArgumentParser) -> None:
@@ -246,25 +268,54 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    """``plan``: the expanded jobs, totals and the estimated cost; no network."""
+    """``plan``: the expanded jobs, totals and the estimated cost; no network but --balance."""
     manifests = load_manifests(args.manifests, allow_unknown_models=args.allow_unknown_model)
     prices = pricing.merged_prices(manifests, _prices(args.price))
     skipped: dict[str, str] = {}
+    takes: dict[str, int] = {}
     for manifest in manifests:
         path = ledger_path(manifest.path, mock=args.mock, override=args.ledger)
         if not Path(path).exists():
             continue
         latest = read_latest(path)
         for job in manifest.jobs:
-            decision = decide(job, latest.get(job.job_id))
+            decision = decide(job, latest.get(job.job_id), retry_failed=args.retry_failed)
             if decision.verdict != "submit":
                 skipped[job.job_id] = decision.reason
+            elif decision.job.take > 1:
+                takes[job.job_id] = decision.job.take
+    balance = _plan_balance(args) if args.balance else None
     if args.json:
-        data = report.plan_json(manifests, prices, skipped)
+        data = report.plan_json(manifests, prices, skipped, takes=takes)
+        if args.balance:
+            data["balance"] = balance
         print(json.dumps(data, indent=2, ensure_ascii=False))
     else:
-        print(report.render_plan(manifests, prices, skipped))
+        print(report.render_plan(manifests, prices, skipped, takes=takes))
+        if isinstance(balance, str):
+            print(f"Balance: {balance}.")
+        elif balance is not None:
+            left = balance["remain"]
+            print("Balance: unlimited." if left is None else
+                  f"Balance: {left:.2f} left (compared as USD with the estimate above).")
     return 0
+
+
+def _plan_balance(args: argparse.Namespace) -> dict[str, float | None] | str:
+    """The balance for ``plan --balance``, or why it could not be read (never an error)."""
+    console = Console(quiet=True)
+    key = _api_key(args, console)
+    from runner.api import Client  # aiohttp loads only when a command uses the network
+
+    async def read() -> dict[str, float | None] | str:
+        async with Client(_base_url(args.base_url), key, pool=1) as client:
+            try:
+                found = await client.balance()
+            except ApiError as exc:
+                return f"not read ({exc.message.splitlines()[0]})"
+        return {"remain": found.remain, "used": found.used}
+
+    return asyncio.run(read())
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -312,6 +363,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         retry_ambiguous=args.retry_ambiguous,
         resubmit_unknown=args.resubmit_unknown,
         resubmit_changed=args.resubmit_changed,
+        retry_failed=args.retry_failed,
+        halt_after=args.halt_after,
+        check_balance=not args.no_balance_check,
         mock=args.mock,
         base_url=_base_url(args.base_url),
         summary_json=args.summary_json,
@@ -327,12 +381,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _ledger_config(args: argparse.Namespace, console: Console) -> LedgerConfig:
     # A --mock ledger needs no key: its tasks live in the built-in emulator. Downloads need
-    # none either: video links are signed URLs, fetched without an Authorization header.
+    # none either (video links are signed URLs, fetched without an Authorization header),
+    # but with one, an expired link can be asked for again.
     mock = ledger_is_mock(args.ledger)
     polls = hasattr(args, "interval")
+    key = None if mock else _api_key(args, console, required=polls)
     return LedgerConfig(
         ledger=args.ledger,
-        api_key=None if mock else (_api_key(args, console) if polls else Secret("")),
+        api_key=key,
         base_url=_base_url(args.base_url),
         concurrency=args.concurrency,
         timing=_timing(args, mock=mock) if polls else PollTiming(),
@@ -383,7 +439,8 @@ def cmd_mock_server(args: argparse.Namespace) -> int:
     return 0
 
 
-def _api_key(args: argparse.Namespace, console: Console) -> Secret:
+def _api_key(args: argparse.Namespace, console: Console, *, required: bool = True) -> Secret:
+    """The API key from --key-file or the environment; ``Secret("")`` if none and not required."""
     if args.key_file:
         path = args.key_file
         try:
@@ -396,6 +453,8 @@ def _api_key(args: argparse.Namespace, console: Console) -> Secret:
             console.warn(warning)
     else:
         key = api_key_from_env() or ""
+    if not key and not required and not args.key_file:
+        return Secret("")
     if not key:
         msg = ("no API key: set APIMART_API_KEY or pass --key-file FILE\n"
                "  hint: add --mock to try the whole run against the built-in emulator")
@@ -449,6 +508,21 @@ def _positive_float(text: str) -> float:
         msg = f"must be a number > 0, got '{text}'"
         raise argparse.ArgumentTypeError(msg)
     return value
+
+
+def _halt_after(text: str) -> HaltAfter | None:
+    if text.strip().lower() in ("off", "0", "0%"):
+        return None
+    share = text.strip().endswith("%")
+    number = text.strip().removesuffix("%")
+    try:
+        value = float(number) if share else int(number)
+    except ValueError:
+        value = -1
+    if not (0 < value <= 100 if share else value > 0):
+        msg = f"must be a number of jobs (e.g. 20), a share (e.g. 50%) or 'off', got '{text}'"
+        raise argparse.ArgumentTypeError(msg)
+    return HaltAfter(share=value / 100) if share else HaltAfter(count=int(value))
 
 
 def _money(text: str) -> float:

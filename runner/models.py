@@ -32,7 +32,7 @@ class Upload:
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """One video to generate: an expanded, validated manifest entry (one take).
+    """One video to generate: an expanded, validated manifest entry.
 
     Attributes:
         job_id: the identity that resume and de-duplication key on.
@@ -49,6 +49,8 @@ class Job:
         line: the manifest line the job came from (1-based), for messages.
         catalogued: False for a model outside the catalog (``unknown_models: allow``):
             only its model and prompt were checked, and its price is unknown.
+        take: which purchase of this job id this is: 1, then one more for each deliberate
+            regeneration (``--retry-failed``, ``--resubmit-changed``); the ledger records it.
     """
 
     job_id: str
@@ -60,6 +62,7 @@ class Job:
     manifest_name: str = ""
     line: int = 0
     catalogued: bool = True
+    take: int = 1
 
     @property
     def model(self) -> str:
@@ -173,8 +176,13 @@ class Job:
 
     @property
     def idempotency_key(self) -> str:
-        """The Idempotency-Key: same manifest name + job id + request, same key, always."""
-        seed = "\0".join((self.manifest_name, self.job_id, self.fingerprint))
+        """The Idempotency-Key: same manifest name + job id + request + take, same key, always.
+
+        Take 1 keeps the key of versions before takes existed; a later take is a new
+        purchase, so its key differs and an honouring server cannot replay the earlier task.
+        """
+        parts = (self.manifest_name, self.job_id, self.fingerprint)
+        seed = "\0".join(parts if self.take == 1 else (*parts, f"take {self.take}"))
         return "apimart-batch-" + hashlib.sha256(seed.encode()).hexdigest()[:40]
 
 

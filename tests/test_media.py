@@ -154,6 +154,11 @@ def listing(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()} if folder.exists() else set()
 
 
+def files(folder: Path) -> set[str]:
+    """Paths of the files under a folder, relative to it, hidden ones included."""
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir()}
+
+
 # -- local images -----------------------------------------------------------------------------
 
 
@@ -603,8 +608,9 @@ async def test_status_wait_progress_is_a_bar_on_a_terminal_and_quiet_elsewhere(
         assert "polling" in shown
         assert "3/3" in shown
         assert "2 completed, 1 failed" in shown
-    else:
-        assert shown == ""
+    else:  # no progress; only the failed job is named, with the way forward
+        assert shown.startswith("warning: 1 jobs have no video (1 failed): job-1\n")
+        assert shown.count("\n") == 2 and "--retry-failed" in shown
 
 
 # -- downloads --------------------------------------------------------------------------------
@@ -620,14 +626,16 @@ async def completed_batch(emulator, tmp_path: Path, count: int, **knobs: Any) ->
 
 
 def assert_intact(out: Path, ledger: str) -> None:
-    """Every downloaded job's file is in ``out`` and holds exactly what the emulator served."""
+    """Every downloaded job's file is in ``out/<manifest stem>`` and holds what was served."""
     rows = read_latest(ledger)
-    assert listing(out) == {f"{job}.mp4" for job in rows}
+    paths = {job: Path(Path(row["manifest"]).stem, f"{job}.mp4") for job, row in rows.items()}
+    assert files(out) == {str(path) for path in paths.values()}
     for job, row in rows.items():
-        body = (out / f"{job}.mp4").read_bytes()
+        body = (out / paths[job]).read_bytes()
         assert row["status"] == "downloaded"
         assert body == video_bytes(row["task_id"])
-        assert (row["file"], row["bytes"]) == (str((out / f"{job}.mp4").absolute()),
+        assert row["file_sha256"] == hashlib.sha256(body).hexdigest()
+        assert (row["file"], row["bytes"]) == (str((out / paths[job]).absolute()),
                                                str(len(body)))
 
 
@@ -664,7 +672,7 @@ async def test_disconnects_past_the_retry_bound_leave_the_job_completed(emulator
     row = read_latest(ledger)["job-0"]
     assert row["status"] == "completed"
     assert "GET video" in row["error"]
-    assert listing(out) == set()
+    assert files(out) == set()
     assert await download(srv, ledger, out) == 0
     assert_intact(out, ledger)
 
@@ -675,15 +683,21 @@ async def test_damaged_or_missing_file_is_fetched_again(emulator, tmp_path, dama
     srv, ledger = await completed_batch(emulator, tmp_path, 2)
     out = tmp_path / "videos"
     assert await download(srv, ledger, out) == 0
-    victim = out / "job-1.mp4"
+    victim = out / "media" / "job-1.mp4"
     if damage == "missing":
         victim.unlink()
     elif damage == "truncated":
         victim.write_bytes(victim.read_bytes()[:100])
     else:
         victim.write_bytes(victim.read_bytes() + b"junk")
+    damaged = None if damage == "missing" else victim.read_bytes()
     assert await download(srv, ledger, out) == 0
     assert stat(srv, "downloads") == 3
+    if damaged is not None:  # what was there is kept beside it, never overwritten
+        [aside] = (out / "media").glob("job-1.changed-*.mp4")
+        assert aside.read_bytes() == damaged
+        assert aside.name in read_latest(ledger)["job-1"]["error"]
+        aside.unlink()
     assert_intact(out, ledger)
 
 
@@ -735,21 +749,20 @@ def test_file_names_differ_beyond_case():
 
 
 async def test_expired_link_is_reported_and_not_fetched(emulator, tmp_path):
-    """A link past expires_at is not requested; the job stays completed with a clear error."""
+    """A link past expires_at is not requested; no fresh one: 'expired', with the way forward."""
     srv, ledger = await completed_batch(emulator, tmp_path, 1, link_ttl=0)
     out = tmp_path / "videos"
     assert await download(srv, ledger, out) == 1
     row = read_latest(ledger)["job-0"]
-    assert row["status"] == "completed"
-    assert "link expired" in row["error"]
+    assert row["status"] == "expired"
+    assert "link expired" in row["error"] and "--retry-failed" in row["error"]
     assert stat(srv, "requests", "download") == 0
-    assert listing(out) == set()
+    assert files(out) == set()
     rows = len(list(iter_rows(ledger)))
     assert await download(srv, ledger, out) == 1
     assert len(list(iter_rows(ledger))) == rows  # the same news is not recorded twice
     steps = report.build_report(ledger).next_steps
-    assert "1 links expired before download: give those jobs new ids to generate them again" \
-        in steps
+    assert any("expired" in step and "--retry-failed" in step for step in steps), steps
 
 
 async def test_a_download_waiting_for_its_slot_when_the_run_stops_is_never_started(tmp_path):
@@ -845,8 +858,8 @@ async def test_disk_failure_leaves_the_job_completed_and_nothing_on_disk(emulato
     row = read_latest(ledger)["job-0"]
     assert row["status"] == "completed"
     strerror = os.strerror(errno.EACCES if how == "eacces-on-open" else errno.ENOSPC)
-    assert row["error"] == f"{out / 'job-0.mp4'}: cannot write the video: {strerror}"
-    assert listing(out) == set()
+    assert row["error"] == f"{out / 'media' / 'job-0.mp4'}: cannot write the video: {strerror}"
+    assert files(out) == set()
     assert stat(srv, "downloads") == (0 if how == "eacces-on-open" else 1)  # never retried
     assert await download(srv, ledger, out) == 0
     assert_intact(out, ledger)
@@ -955,7 +968,7 @@ async def test_run_wait_with_poll_errors_and_a_failed_task(emulator, tmp_path):
     assert sorted(statuses(ledger).values()) == ["downloaded", "downloaded", "failed"]
     failed = next(row for row in read_latest(ledger).values() if row["status"] == "failed")
     assert failed["error"] in FAILURE_MESSAGES
-    assert len(listing(out)) == 2
+    assert len(files(out)) == 2
 
 
 async def test_run_wait_uploads_then_downloads(emulator, tmp_path):

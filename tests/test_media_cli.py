@@ -33,10 +33,12 @@ pytestmark = pytest.mark.slow
 def assert_videos(folder: Path, ledger: Path) -> None:
     """Every job of the ledger is downloaded into ``folder``, byte for byte."""
     rows = read_latest(ledger)
-    assert {p.name for p in folder.iterdir()} == {f"{job}.mp4" for job in rows}
+    stems = {Path(row["manifest"]).stem for row in rows.values()}
+    assert {p.name for p in folder.iterdir()} == stems
     for job, row in rows.items():
         assert row["status"] == "downloaded"
-        assert (folder / f"{job}.mp4").read_bytes() == video_bytes(row["task_id"])
+        path = folder / Path(row["manifest"]).stem / f"{job}.mp4"
+        assert path.read_bytes() == video_bytes(row["task_id"])
 
 
 def test_status_download_report_exit_0_and_reruns_are_no_ops(mock_server, tmp_path):

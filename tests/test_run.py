@@ -331,7 +331,10 @@ async def test_fatal_answer_stops_new_jobs_and_lets_in_flight_finish(
     assert result.summary["not_started"] == 3
     then = "rerun after topping up" if status == "402" else "fix the key, then rerun"
     errors = [ln for ln in result.err.splitlines() if ln.startswith("error:")]
-    assert errors == [f"error: {line}; 3 jobs not submitted; {then}"]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"error: {line}: 1 jobs refused, 3 not submitted; the 2 tasks "
+                                "created before it are recorded ('apimart-batch status ")
+    assert errors[0].endswith(f"; {then}")
 
 
 async def never(seconds: float) -> None:

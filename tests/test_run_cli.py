@@ -109,8 +109,10 @@ def test_exit_3_on_insufficient_balance(mock_server, tmp_path):
     server = mock_server("--quota", "2")
     done = cli(tmp_path, "run", write_manifest(tmp_path, 5), "-j", "1", "--base-url", server.url)
     assert done.returncode == 3
-    assert done.stderr.splitlines() == ["error: APIMart says the balance is insufficient; "
-                                        "2 jobs not submitted; rerun after topping up"]
+    [line] = done.stderr.splitlines()
+    assert line.startswith("error: APIMart says the balance is insufficient: 1 jobs refused, "
+                           "2 not submitted; the 2 tasks created before it are recorded")
+    assert line.endswith("; rerun after topping up")
     assert statuses(tmp_path / "batch.ledger.csv") == {"submitted": 2, "error": 1}
     assert server.submits() == 3
 
@@ -168,7 +170,7 @@ def test_second_sigint_aborts_at_once(mock_server, spawn, tmp_path):
     server = mock_server("--latency-ms", "30000", "--latency-jitter", "0")
     ledger = tmp_path / "batch.ledger.csv"
     manifest = write_manifest(tmp_path, 10)
-    run = spawn("run", manifest, "-j", "2", "--base-url", server.url)
+    run = spawn("run", manifest, "-j", "2", "--base-url", server.url, "--no-balance-check")
     wait_for_rows(ledger, "submitting", 2, run)
     run.send_signal(signal.SIGINT)
     wait_until_delivered(run, signal.SIGINT)  # else the kernel may merge the two into one

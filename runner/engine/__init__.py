@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from runner.engine.download import expires_ts, needs_download
 from runner.engine.lifecycle import (
+    NEEDS_ACTION,
     LedgerConfig,
     Media,
     default_out,
     prepare_out,
+    regenerate_hint,
+    rerun_command,
     run_download,
     run_status,
     show_progress,
@@ -21,14 +24,16 @@ from runner.engine.lifecycle import (
     warn_unforeseen,
 )
 from runner.engine.poll import NO_VIDEO_STATES, POLLABLE_STATES, PollTiming
-from runner.engine.resume import Decision, decide
+from runner.engine.resume import REGENERABLE, Decision, decide, recorded_take
 from runner.engine.runtime import connect, interrupts, merged_error
 from runner.engine.schedule import Limiter, run_pool
 from runner.engine.submit import Submitter
 
 __all__ = [
+    "NEEDS_ACTION",
     "NO_VIDEO_STATES",
     "POLLABLE_STATES",
+    "REGENERABLE",
     "Decision",
     "LedgerConfig",
     "Limiter",
@@ -43,6 +48,9 @@ __all__ = [
     "merged_error",
     "needs_download",
     "prepare_out",
+    "recorded_take",
+    "regenerate_hint",
+    "rerun_command",
     "run_download",
     "run_pool",
     "run_status",

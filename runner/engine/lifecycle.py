@@ -19,7 +19,7 @@ import os
 import shlex
 import signal
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,6 +30,7 @@ from runner.api import DEFAULT_BASE_URL, Client, RetryPolicy, Secret
 from runner.console import Console
 from runner.engine.download import Downloader, expires_ts
 from runner.engine.poll import NO_VIDEO_STATES, POLLABLE_STATES, Poller, PollTiming
+from runner.engine.resume import REGENERABLE
 from runner.engine.runtime import connect, interrupts, merged_error
 from runner.engine.schedule import Limiter, describe
 from runner.errors import (
@@ -46,6 +47,8 @@ from runner.ledger import Recorder, keep_synced, ledger_is_mock, open_ledger
 
 #: Queued after every real item (which all have priority 0): "no more downloads".
 _LAST = (1, 0.0, "")
+#: Last states that a person has to act on; every command exits 1 while a job is in one.
+NEEDS_ACTION = frozenset({"rejected", "error", "unknown", "expired"}) | NO_VIDEO_STATES
 
 
 class MediaConfig(Protocol):
@@ -66,7 +69,8 @@ class Media:
     ``base_url`` is what this command's rows record in the ``base_url`` column (the API's
     URL, or ``mock``): tasks recorded against another are neither polled nor downloaded.
     ``on_error(job_id, exc)`` hears of every poll or download that failed in a way nobody
-    foresaw (it must not raise); the others carry on.
+    foresaw (it must not raise); the others carry on. ``refresh``: an expired link may be
+    asked for again (the client has a key); ``verify``: downloaded files are re-hashed.
     """
 
     poller: Poller
@@ -88,6 +92,8 @@ class Media:
         repeat: bool = True,
         origin: str | None = None,
         on_error: Callable[[str, Exception], None] | None = None,
+        refresh: bool = True,
+        verify: bool = False,
     ) -> None:
         self.workers = config.concurrency
         self._queue = asyncio.PriorityQueue()
@@ -97,7 +103,9 @@ class Media:
         if out is not None:
             self.downloader = Downloader(client, ledger, out, Limiter(config.concurrency),
                                          config.policy, stop, origin=origin,
-                                         deadline=config.timing.deadline, on_error=on_error)
+                                         deadline=config.timing.deadline, on_error=on_error,
+                                         refresh=client.get_task if refresh else None,
+                                         base_url=self._base_url, verify=verify)
         self.poller = Poller(client, ledger, limiter, config.policy, stop, config.timing,
                              on_completed=self._completed if out else None,
                              on_error=on_error, repeat=repeat)
@@ -203,7 +211,8 @@ async def _on_ledger(config: LedgerConfig, console: Console, *, poll: bool, down
             media = Media(client, ledger, config, stop, Limiter(config.concurrency),
                           base_url=target, out=out, poll=poll, repeat=config.wait,
                           origin=base_url if mock else None,
-                          on_error=partial(warn_unforeseen, console))
+                          on_error=partial(warn_unforeseen, console),
+                          refresh=mock or bool(key.reveal()), verify=download)
             skipped = media.resume(list(ledger.latest))
             warn_other_targets(skipped, target, console, "polled" if poll else "downloaded")
             media.poller.close()  # nothing else will be added: the pollers end when it drains
@@ -221,10 +230,14 @@ async def _on_ledger(config: LedgerConfig, console: Console, *, poll: bool, down
             console.end_progress()
         counts = media.counts()
         ledger.sync()
-        states = Counter(row.get("status", "") for row in ledger.latest.values())
+        rows = list(ledger.latest.values())
+        states = Counter(row.get("status", "") for row in rows)
     summary = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
     if not console.quiet:
         print(f"{config.ledger}: {summary}" + (f" (this run: {_fmt(counts)})" if counts else ""))
+    hint = regenerate_hint(rows, ledger=config.ledger, mock=mock, base_url=config.base_url)
+    if hint:
+        console.warn(hint)
     if caught:
         return EXIT_SIGTERM if caught[0] == signal.SIGTERM else EXIT_SIGINT
     if media.fatal() is not None:
@@ -232,10 +245,41 @@ async def _on_ledger(config: LedgerConfig, console: Console, *, poll: bool, down
         return EXIT_API_STOPPED
     if skipped:
         return EXIT_JOBS_FAILED
-    bad = NO_VIDEO_STATES | ({"completed"} if download else set())
+    # The same rule as 'run': a job that needs action, or (download, status --wait) a
+    # video that is not on disk or a task not finished yet, is exit 1.
+    bad = NEEDS_ACTION | ({"completed"} if download else set())
     if config.wait and poll:
         bad |= POLLABLE_STATES
     return EXIT_JOBS_FAILED if any(states.get(s) for s in bad) else EXIT_OK
+
+
+def rerun_command(manifests: Iterable[str], flag: str, *, ledger: str | None, mock: bool,
+                  base_url: str) -> str:
+    """The ``run`` command line that acts on these manifests' jobs with ``flag``."""
+    words = ["apimart-batch", "run", *manifests]
+    if ledger:
+        words += ["--ledger", ledger]
+    if mock:
+        words.append("--mock")
+    elif base_url.rstrip("/") != DEFAULT_BASE_URL:
+        words += ["--base-url", base_url]
+    return shlex.join([*words, flag])
+
+
+def regenerate_hint(rows: Iterable[Mapping[str, str]], *, ledger: str | None, mock: bool,
+                    base_url: str) -> str | None:
+    """Which jobs ended with no video to keep, and the command that buys them again."""
+    ended = [row for row in rows if row.get("status") in REGENERABLE]
+    if not ended:
+        return None
+    states = Counter(row["status"] for row in ended)
+    manifests = sorted({row.get("manifest") or "MANIFEST" for row in ended})
+    names = ", ".join(row["job_id"] for row in ended[:10])
+    more = f" and {len(ended) - 10} more" if len(ended) > 10 else ""
+    command = rerun_command(manifests, "--retry-failed", ledger=ledger, mock=mock,
+                            base_url=base_url)
+    return (f"{len(ended)} jobs have no video ({_fmt(states)}): {names}{more}\n"
+            f"  hint: to buy them again (a new purchase each, a new take): {command}")
 
 
 def show_progress(media: Media, console: Console) -> None:

@@ -60,7 +60,13 @@ def job_fields(job: Job) -> dict[str, object]:
         "prompt": job.prompt,
         "manifest": job.manifest,
         "request": canonical_json(job.body()) if not job.uploads else None,
+        "take": job.take,
     }
+
+
+#: The cells of a task's outcome: a new submission (a new take) starts with them empty.
+TASK_CELLS = dict.fromkeys(("progress", "video_url", "expires_at", "thumbnail_url", "cost",
+                            "file", "bytes", "file_sha256"))
 
 
 @dataclass
@@ -78,6 +84,8 @@ class Submitter:
     sleep: Sleep = asyncio.sleep
     counts: Counter[str] = field(default_factory=Counter)
     fatal: FatalApiError | None = None
+    #: Jobs a fatal answer (auth, permission, balance) refused.
+    refused: int = 0
     ledger_errors: list[LedgerError] = field(default_factory=list)
     #: Models the API said it does not serve, with its words: their jobs are not sent.
     unavailable: dict[str, str] = field(default_factory=dict)
@@ -140,6 +148,7 @@ class Submitter:
             self._record(job, "error", 0, error=f"image upload: {exc.message}",
                          cells=job_fields(job))
             if isinstance(exc, FatalApiError):
+                self.refused += 1
                 self._stop(exc)
             return True
         started = self.clock()
@@ -159,7 +168,8 @@ class Submitter:
                     if pending is None:
                         self.ledger.append(
                             job.job_id, status="submitting", task_id=None, attempts=0,
-                            http_status=None, error=None, **(job_fields(job) | cells),
+                            http_status=None, error=None,
+                            **(TASK_CELLS | job_fields(job) | cells),
                         )
                     done = await self.client.submit(job, body)
             except Stopped:
@@ -190,6 +200,7 @@ class Submitter:
                 self._fail(job, "rejected", attempt, exc, maybe_created)
             except FatalApiError as exc:
                 self._fail(job, "error", attempt, exc, maybe_created)
+                self.refused += 1
                 self._stop(exc)
             else:
                 await self.limiter.succeeded()

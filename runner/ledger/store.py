@@ -85,7 +85,7 @@ COLUMNS: Final = (
     "idempotency_key", "fingerprint", "model", "duration", "resolution", "aspect_ratio",
     "image_url", "image_file", "image_sha256", "uploaded_at", "prompt", "manifest",
     "base_url", "mock", "progress", "video_url", "expires_at", "thumbnail_url", "cost",
-    "file", "bytes", "request", "crc",
+    "file", "bytes", "request", "take", "file_sha256", "crc",
 )  # fmt: skip
 
 #: Every status a row may hold, by the stage that writes it:
@@ -94,10 +94,11 @@ COLUMNS: Final = (
 #: ``submitting`` row an earlier run left); poll: ``pending``, ``processing``,
 #: ``completed``, ``failed``, ``cancelled`` (the API's states, normalised),
 #: ``not_found`` (the API no longer knows the task); download: ``downloaded``, and
-#: ``completed`` again when a download failed.
+#: ``completed`` again when a download failed, ``expired`` when the link expired and the
+#: task query gave no fresh one (the video is lost; ``run --retry-failed`` buys it again).
 STATUSES: Final = frozenset({
-    "submitting", "submitted", "error", "rejected", "unknown",
-    "pending", "processing", "completed", "failed", "cancelled", "not_found", "downloaded",
+    "submitting", "submitted", "error", "rejected", "unknown", "pending", "processing",
+    "completed", "failed", "cancelled", "not_found", "downloaded", "expired",
 })  # fmt: skip
 #: Statuses written while no task is known: their rows never hold a task id. An ``error``
 #: row holds only the task id its job's previous row had (a new try that failed before
@@ -125,6 +126,8 @@ _SHAPES: Final = {
     "http_status": (re.compile(r"[0-9]{3}"), "an HTTP status"),
     "mock": (re.compile(r"[01]"), "0 or 1"),
     "request": (re.compile(r"\{.*\}", re.DOTALL), "a JSON object"),
+    "take": (re.compile(r"[1-9][0-9]{0,5}"), "a take number (1, 2, ...)"),
+    "file_sha256": (re.compile(r"[0-9a-f]{64}"), "a SHA-256 (64 hex digits)"),
 }
 _REOPENS: Final = 10
 _BOM: Final = "\ufeff".encode()

@@ -23,6 +23,7 @@ _PROMPT_WIDTH = 48
 _IMAGE_WIDTH = 20
 _ID_WIDTH = 36
 _ACTION_WIDTH = 36
+_NO_TAKES: Mapping[str, int] = {}
 #: What every cost figure is, said wherever one is shown.
 NOTE = "an estimate, not a quote: APIMart publishes no price table and bills per second"
 
@@ -31,6 +32,8 @@ def render_plan(
     manifests: Sequence[Manifest],
     prices: Mapping[str, float | None],
     skipped: Mapping[str, str] = _NO_SKIPS,
+    *,
+    takes: Mapping[str, int] = _NO_TAKES,
 ) -> str:
     """A human table of every job, totals per model and the estimated cost.
 
@@ -38,14 +41,15 @@ def render_plan(
         manifests: loaded manifests, in the order given.
         prices: USD per second by price key (``pricing.merged_prices``).
         skipped: job_id -> why a run would not send it (from the ledger).
+        takes: job_id -> the take a run would buy, for jobs bought again (2, 3, ...).
     """
     jobs = [job for manifest in manifests for job in manifest.jobs]
     counts = f"{_count(len(manifests), 'manifest')}, {_count(len(jobs), 'job')}"
     lines = [f"Plan (nothing is sent): {counts}"]
     for manifest in manifests:
         lines += ["", f"{manifest.path} ({manifest.name}): {_count(len(manifest.jobs), 'job')}"]
-        lines += _table(manifest.jobs, skipped)
-    data = plan_json(manifests, prices, skipped)
+        lines += _table(manifest.jobs, skipped, takes)
+    data = plan_json(manifests, prices, skipped, takes=takes)
     totals = data["totals"]
     lines += ["", "Totals (jobs to send)"]
     rows = [["MODEL", "JOBS", "SECONDS", "EST. USD"]]
@@ -55,6 +59,9 @@ def render_plan(
     lines += _columns(rows, right={1, 2, 3})
     if totals["skipped"]:
         lines.append(f"  {_count(totals['skipped'], 'job')} skipped (see ACTION)")
+    if totals["bought_again"]:
+        lines.append(f"  {_count(totals['bought_again'], 'job')} bought again: a new purchase "
+                     "each (--retry-failed)")
     lines += ["", f"Estimated cost: ${_usd(totals)} ({NOTE})."]
     if totals["unpriced"]:
         lines.append(
@@ -88,6 +95,8 @@ def plan_json(
     manifests: Sequence[Manifest],
     prices: Mapping[str, float | None],
     skipped: Mapping[str, str] = _NO_SKIPS,
+    *,
+    takes: Mapping[str, int] = _NO_TAKES,
 ) -> dict[str, Any]:
     """The plan as plain data with stable keys (for ``plan --json``).
 
@@ -102,7 +111,7 @@ def plan_json(
         usd_per_second, key = rate_and_key(job, prices)
         cost = estimate(job, prices)
         skip = skipped.get(job.job_id)
-        jobs.append(_job_json(job, cost, key, skip))
+        jobs.append(_job_json(job, cost, key, skip) | {"take": takes.get(job.job_id, 1)})
         if skip is not None:
             continue
         used[key] = {"usd_per_second": usd_per_second, "source": _source(prices, key)}
@@ -127,6 +136,7 @@ def plan_json(
         "jobs": jobs,
         "totals": {
             "jobs": sum(row["jobs"] for row in by_model.values()),
+            "bought_again": len(takes),
             "skipped": sum(1 for job in jobs if job["skip"] is not None),
             "seconds": sum(row["seconds"] for row in by_model.values()),
             "estimated_usd": round(sum(row["estimated_usd"] for row in by_model.values()), 6),
@@ -178,16 +188,21 @@ def _job_json(job: Job, cost: float | None, key: str, skip: str | None) -> dict[
     }
 
 
-def _table(jobs: Sequence[Job], skipped: Mapping[str, str]) -> list[str]:
-    """One row per job; an ACTION column ("run" / "skip: why") only when something is skipped."""
-    head = ["ACTION"] if skipped else []
+def _table(
+    jobs: Sequence[Job], skipped: Mapping[str, str], takes: Mapping[str, int]
+) -> list[str]:
+    """One row per job; an ACTION column ("run" / "skip: why" / "buy take N") when needed."""
+    acting = bool(skipped or takes)
+    head = ["ACTION"] if acting else []
     head += ["ID", "MODEL", "SECS", "RES", "ASPECT", "IMAGE", "PROMPT"]
     rows = [head]
     for job in jobs:
         reason = skipped.get(job.job_id)
         # The cell keeps the reason's first clause; --json carries the whole of it.
         short = reason.split(" (")[0].split(";")[0] if reason else ""
-        action = [_fit(f"skip: {short}" if reason else "run", _ACTION_WIDTH)] if skipped else []
+        take = takes.get(job.job_id)
+        what = f"skip: {short}" if reason else f"buy take {take}" if take else "run"
+        action = [_fit(what, _ACTION_WIDTH)] if acting else []
         rows.append([
             *action,
             _fit(job.job_id, _ID_WIDTH),

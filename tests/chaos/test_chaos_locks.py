@@ -76,7 +76,8 @@ def test_two_runs_on_aliases_of_one_ledger(mock_server, tmp_path: Path, unmount:
     manifest = write_manifest(tmp_path, 2)
     (tmp_path / "batch.ledger.csv").write_text(write_csv([], COLUMNS), encoding="utf-8")
     first, second = ALIASES[alias](tmp_path)
-    args = ["run", manifest, "--base-url", server.url, "-j", "1", "--timeout", "2"]
+    args = ["run", manifest, "--base-url", server.url, "-j", "1", "--timeout", "2",
+            "--no-balance-check"]
     holder = start(tmp_path, *args, "--ledger", first)
     try:
         wait_for_rows(tmp_path / "batch.ledger.csv", "submitting", 1, holder)
