@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import shlex
+import shutil
+import textwrap
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -17,8 +21,18 @@ from runner.manifest import load_catalog, pricing
 from runner.models import Job
 
 EXPIRING_WITHIN = 24 * 3600.0
+#: The table's fixed columns (name, width); each job's error follows them in full.
 _TABLE = (("job_id", 28), ("status", 11), ("task_id", 32), ("progress", 8), ("expires_at", 20),
-          ("cost", 7), ("error", 40))
+          ("cost", 7), ("takes", 5))
+#: The fewest columns the error may have beside the others; with fewer it goes below the row.
+_MIN_ERROR_WIDTH = 30
+_ERROR_BELOW = "    error: "
+#: Columns the report always carries, also for a ledger written before they existed.
+_ADDED_COLUMNS = ("take", "file_sha256")
+#: Ledger columns holding numbers: JSON gives them as numbers (a cell that is not one stays text).
+_NUMERIC = frozenset({"attempts", "http_status", "duration", "progress", "cost", "bytes", "take"})
+_INTEGER = re.compile(r"-?[0-9]{1,18}")
+_DECIMAL = re.compile(r"-?[0-9]{1,18}(\.[0-9]{1,18})?([eE][-+]?[0-9]{1,3})?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,20 +145,47 @@ def _estimate(row: Mapping[str, str]) -> float | None:
 
 def _float(text: str) -> float:
     try:
-        return float(text)
+        number = float(text)
     except ValueError:
         return 0.0
+    return number if math.isfinite(number) else 0.0
 
 
-def render_table(report: Report) -> str:
-    """A human table, totals, costs, expiring links and next steps."""
-    lines = ["  ".join(name.ljust(width) for name, width in _TABLE).rstrip()]
+def _take(row: Mapping[str, str]) -> int:
+    """The row's ``take`` (its job id's purchases so far); an empty or missing cell is 1."""
+    text = row.get("take", "")
+    return int(text) if _INTEGER.fullmatch(text) and int(text) >= 1 else 1
+
+
+def render_table(report: Report, *, width: int | None = None) -> str:
+    """A human table, totals, costs, expiring links and next steps.
+
+    Each job's error is shown in full, wrapped to ``width`` (default: the terminal's):
+    beside the other columns when there is room, else on lines of its own below the row.
+    """
+    width = shutil.get_terminal_size().columns if width is None else width
+    fixed = sum(w for _, w in _TABLE) + 2 * len(_TABLE)
+    beside = width - fixed >= _MIN_ERROR_WIDTH
+    header = "  ".join(name.ljust(w) for name, w in _TABLE) + ("  error" if beside else "")
+    lines = [header.rstrip()]
     for row in report.rows:
         cells = []
-        for name, width in _TABLE:
-            value = " ".join(row.get(name, "").split())
-            cells.append((value[: width - 1] + "…" if len(value) > width else value).ljust(width))
-        lines.append("  ".join(cells).rstrip())
+        for name, w in _TABLE:
+            value = str(_take(row)) if name == "takes" else _one_line(row.get(name, ""))
+            cells.append((value[: w - 1] + "…" if len(value) > w else value).ljust(w))
+        head = "  ".join(cells)
+        error = _one_line(row.get("error", ""))
+        if not error:
+            lines.append(head.rstrip())
+        elif beside:
+            wrapped = textwrap.wrap(error, width - fixed, break_on_hyphens=False) or [""]
+            lines.append(head + "  " + wrapped[0])
+            lines += [" " * fixed + part for part in wrapped[1:]]
+        else:
+            lines.append(head.rstrip())
+            lines += textwrap.wrap(error, max(width, 40), initial_indent=_ERROR_BELOW,
+                                   subsequent_indent=" " * len(_ERROR_BELOW),
+                                   break_on_hyphens=False)
     totals = ", ".join(f"{n} {s}" for s, n in sorted(report.totals.items()))
     lines += ["", f"{len(report.rows)} jobs: {totals or 'none'}",
               f"cost: estimated ${report.estimated_usd:.2f} (an estimate from the price table)"
@@ -156,17 +197,65 @@ def render_table(report: Report) -> str:
     return "\n".join(lines)
 
 
+def _one_line(text: str) -> str:
+    """``text`` on one line, fit for a terminal: whitespace runs as one space, controls escaped."""
+    text = " ".join(text.split())
+    return text if text.isprintable() else "".join(
+        ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text
+    )
+
+
 def render_json(report: Report) -> str:
-    """The report as one JSON document."""
+    """The report as one JSON document.
+
+    Each job is its ledger row, typed: numeric columns (cost, bytes, duration, attempts,
+    http_status, progress, take) as numbers, ``mock`` as true or false, an empty cell as
+    null, every other cell as text (a job id of digits stays text). ``take`` is always
+    there (1 when the ledger has no such cell).
+    """
     return json.dumps({
-        "ledger": report.ledger, "jobs": list(report.rows), "totals": report.totals,
+        "ledger": report.ledger, "jobs": [_typed(row) for row in report.rows],
+        "totals": report.totals,
         "estimated_usd": round(report.estimated_usd, 2),
         "unpriced_jobs": report.unpriced,
         "reported_usd": round(report.reported_usd, 2),
         "expiring_within_24h": list(report.expiring), "next": list(report.next_steps),
-    }, indent=2, ensure_ascii=False)
+    }, indent=2, ensure_ascii=False, allow_nan=False)
+
+
+def _typed(row: Mapping[str, str]) -> dict[str, object]:
+    """A ledger row as JSON values (see :func:`render_json`)."""
+    typed = {name: _json_value(name, text) for name, text in _with_added(row).items()}
+    typed["take"] = _take(row)
+    return typed
+
+
+def _json_value(name: str, text: str) -> object:
+    if not text:
+        return None
+    if name == "mock" and text in ("0", "1"):
+        return text == "1"
+    if name in _NUMERIC:
+        if _INTEGER.fullmatch(text):
+            return int(text)
+        if _DECIMAL.fullmatch(text) and math.isfinite(number := float(text)):
+            return number
+    return text
+
+
+def _with_added(row: Mapping[str, str]) -> dict[str, str]:
+    """``row`` with every column of :data:`_ADDED_COLUMNS` (empty where the ledger had none)."""
+    return dict(row) | {name: row.get(name, "") for name in _ADDED_COLUMNS}
+
+
+def _csv_columns() -> list[str]:
+    """The ledger's columns, with :data:`_ADDED_COLUMNS` before ``crc`` if it lacks them."""
+    names = [name for name in COLUMNS if name != "crc"]
+    names += [name for name in _ADDED_COLUMNS if name not in names]
+    return [*names, "crc"]
 
 
 def render_csv(report: Report) -> str:
-    """One CSV row per job: the latest state, in ledger columns."""
-    return write_csv(report.rows, COLUMNS)
+    """One CSV row per job: the latest state, in ledger columns (``take`` 1 when empty)."""
+    rows = [_with_added(row) | {"take": str(_take(row))} for row in report.rows]
+    return write_csv(rows, _csv_columns())
