@@ -285,7 +285,7 @@ def test_too_many_problems_are_counted_not_printed(tmp_path: Path) -> None:
         load_manifests([write(tmp_path, ONE + entries)])
     diagnostics = caught.value.diagnostics
     assert len(diagnostics) == manifest_module.MAX_DIAGNOSTICS + 1
-    assert "and 50 more problems" in diagnostics[-1].message
+    assert "and 50 more; 150 problems found" in diagnostics[-1].message
 
 
 def test_same_id_in_two_manifests_is_an_error(tmp_path: Path) -> None:

@@ -1,10 +1,16 @@
-"""One manifest's diagnostics, each at the YAML position of what the user must edit."""
+"""One manifest's diagnostics, each at the YAML position of what the user must edit.
+
+Past :data:`MAX_DIAGNOSTICS` a file's further problems are printed as one line, a
+:class:`Truncated` diagnostic that still carries them: :func:`every_problem` and
+:func:`problem_count` see through it, and :func:`diagnostics_json` lists them all.
+"""
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import replace
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from runner.errors import Diagnostic
@@ -15,6 +21,13 @@ from runner.manifest.yamlfile import Pos, YamlMap, YamlSeq
 MAX_DIAGNOSTICS = 100
 
 DocPath = tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Truncated(Diagnostic):
+    """The one line shown for a file's problems past the limit; ``hidden`` holds them all."""
+
+    hidden: tuple[Diagnostic, ...] = ()
 
 
 class Reporter:
@@ -63,12 +76,47 @@ class Reporter:
         unique = set(self.diagnostics)
         self.diagnostics = sorted(unique, key=lambda d: (d.line, d.col, d.path, d.message))
         if len(self.diagnostics) > MAX_DIAGNOSTICS:
-            extra = self.diagnostics[MAX_DIAGNOSTICS]
-            more = len(self.diagnostics) - MAX_DIAGNOSTICS
-            message = f"... and {more} more problems (only the first {MAX_DIAGNOSTICS} are shown)"
-            summary = replace(extra, path="", message=message, hint=None)
+            hidden = tuple(self.diagnostics[MAX_DIAGNOSTICS:])
+            total = len(self.diagnostics)
+            message = (f"... and {len(hidden)} more; {total} problems found in this file "
+                       f"(only the first {MAX_DIAGNOSTICS} are shown)")
+            first = hidden[0]
+            summary = Truncated(first.file, first.line, first.col, "", message, None, hidden)
             self.diagnostics = [*self.diagnostics[:MAX_DIAGNOSTICS], summary]
         return self.diagnostics
+
+
+def every_problem(diagnostics: Iterable[Diagnostic]) -> list[Diagnostic]:
+    """Every problem, in order, with each :class:`Truncated` line replaced by what it hides."""
+    found: list[Diagnostic] = []
+    for diagnostic in diagnostics:
+        found += diagnostic.hidden if isinstance(diagnostic, Truncated) else [diagnostic]
+    return found
+
+
+def problem_count(diagnostics: Iterable[Diagnostic]) -> int:
+    """How many problems ``diagnostics`` stand for, counting those past the printed limit."""
+    return len(every_problem(diagnostics))
+
+
+def diagnostics_document(diagnostics: Iterable[Diagnostic]) -> dict[str, Any]:
+    """Every problem as plain data: ``{"total": N, "problems": [{file, line, col, ...}]}``.
+
+    Each problem has ``file``, ``line`` and ``col`` (1-based), ``path`` (the place in the
+    document, e.g. ``jobs[2].duration``; null for the file as a whole), ``message`` and
+    ``hint`` (null when there is none). Nothing is cut: past the printed limit too.
+    """
+    problems = [
+        {"file": d.file, "line": d.line, "col": d.col, "path": d.path or None,
+         "message": d.message, "hint": d.hint}
+        for d in every_problem(diagnostics)
+    ]  # fmt: skip
+    return {"total": len(problems), "problems": problems}
+
+
+def diagnostics_json(diagnostics: Iterable[Diagnostic]) -> str:
+    """:func:`diagnostics_document` as indented JSON text, for ``validate --json``."""
+    return json.dumps(diagnostics_document(diagnostics), indent=2, ensure_ascii=False)
 
 
 def locate(doc: Any, path: DocPath, *, at_key: bool = False) -> tuple[str, Pos]:

@@ -131,7 +131,10 @@ _SYNONYMS = {
 }
 _REQUIRED_HINTS = {
     "version": "add 'version: 1' as the first line",
-    "jobs": "add a 'jobs:' list, e.g. 'jobs: [{prompt: A cat surfing at dawn}]'",
+    "jobs": (
+        "add a 'jobs:' list; a minimal manifest is: "
+        "{version: 1, jobs: [{model: sora-2, prompt: A cat surfing at dawn}]}"
+    ),
     "model": "add 'model: ...' to this job or to defaults ('apimart-batch models' lists them)",
     "prompt": "add 'prompt: ...' to this job, or list prompts under 'matrix: {prompt: [...]}'",
 }
