@@ -31,14 +31,14 @@ _BEARER = re.compile(r"Bearer\s+(?![*•x.…<\[(]|redacted|REDACTED|hidden|\*\*
 #: Every status a ledger row may have (README, "Statuses").
 KNOWN_STATUSES = frozenset({
     "submitting", "submitted", "rejected", "error", "unknown", "pending", "processing",
-    "completed", "failed", "cancelled", "not_found", "downloaded",
+    "completed", "failed", "cancelled", "not_found", "downloaded", "expired",
 })  # fmt: skip
 #: Statuses that say no task was created (yet): a task id on such a row cannot be trusted.
 NO_TASK = frozenset({"submitting", "error", "rejected"})
 #: Statuses that exist only once a task was created: they must carry its id.
 WITH_TASK = frozenset({
     "submitted", "pending", "processing", "completed", "failed", "cancelled", "not_found",
-    "downloaded",
+    "downloaded", "expired",
 })  # fmt: skip
 AMBIGUOUS = frozenset({"submitting", "unknown"})
 
