@@ -26,7 +26,14 @@ from runner.console import Console
 from runner.engine import LedgerConfig, PollTiming, decide, run_download, run_status
 from runner.errors import ApiError, LedgerError, ManifestError, RunnerError, UsageError
 from runner.ledger import ledger_is_mock, ledger_path, read_latest
-from runner.manifest import bundled_schema, load_catalog, load_manifests, pricing
+from runner.manifest import (
+    bundled_schema,
+    diagnostics_document,
+    load_catalog,
+    load_manifests,
+    pricing,
+    problem_count,
+)
 from runner.report import models_listing, render_models
 
 EXIT_CODES = """\
@@ -55,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ManifestError as exc:
         for d in exc.diagnostics:
             _fail(args, str(d), file=d.file, line=d.line, col=d.col)
-        count = len(exc.diagnostics)
+        count = problem_count(exc.diagnostics)
         _fail(args, f"{count} problem{'s' if count != 1 else ''} found; nothing was sent")
         return exc.exit_code
     except RunnerError as exc:
@@ -92,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("validate", "Check manifests against the schema; send nothing.")
     p.add_argument("manifests", nargs="+", metavar="MANIFEST")
     _add_unknown_model_flag(p)
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document on stdout: every problem (file, line, col, "
+                        "path, message, hint) and the total, or the valid manifests")
     p.set_defaults(func=cmd_validate)
 
     p = command("plan", "Show the expanded jobs and an estimated cost; send nothing.")
@@ -260,8 +270,21 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """``validate``: one line per valid file; ManifestError otherwise."""
-    for manifest in load_manifests(args.manifests, allow_unknown_models=args.allow_unknown_model):
+    """``validate``: one line per valid file (or JSON); ManifestError otherwise."""
+    try:
+        manifests = load_manifests(args.manifests,
+                                   allow_unknown_models=args.allow_unknown_model)
+    except ManifestError as exc:
+        if not args.json:
+            raise
+        print(json.dumps(diagnostics_document(exc.diagnostics), indent=2, ensure_ascii=False))
+        return exc.exit_code
+    if args.json:
+        valid = [{"file": m.path, "jobs": len(m.jobs)} for m in manifests]
+        print(json.dumps({"total": 0, "problems": [], "manifests": valid}, indent=2,
+                         ensure_ascii=False))
+        return 0
+    for manifest in manifests:
         count = len(manifest.jobs)
         print(f"{manifest.path}: {count} job{'s' if count != 1 else ''} valid")
     return 0

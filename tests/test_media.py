@@ -1066,9 +1066,10 @@ def test_report_next_steps_are_exact_runnable_commands(tmp_path):
         f"{run_cmd}",
         f"1 still running: apimart-batch status {quoted} {target} --wait",
         f"2 completed, not downloaded: apimart-batch download {quoted} {target}",
-        "1 links expired before download: give those jobs new ids to generate them again",
-        "1 failed, cancelled or lost by the API (refunded per APIMart): give those jobs new "
-        "ids to try again",
+        "1 links past expires_at, not downloaded: 'download' asks each task for a fresh link "
+        f"(needs the key): apimart-batch download {quoted} {target}",
+        "1 failed, cancelled or expired (no video; APIMart refunds failed tasks): to buy them "
+        f"again, a new take each: {run_cmd} --retry-failed",
     ]
     parser = build_parser()
     for step in steps:

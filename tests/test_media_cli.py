@@ -82,7 +82,8 @@ def test_failed_tasks_exit_1_and_report_says_what_to_do(mock_server, tmp_path):
     assert statuses(tmp_path / "batch.ledger.csv") == {"failed": 2}
     shown = cli(tmp_path, "report", "batch.ledger.csv")
     assert shown.returncode == 0
-    assert "next: 2 failed, cancelled or lost by the API" in shown.stdout
+    assert "next: 2 failed, cancelled or expired (no video" in shown.stdout
+    assert "--retry-failed" in shown.stdout
 
 
 def test_status_wait_ends_at_the_deadline_and_on_sigterm(mock_server, spawn, tmp_path):

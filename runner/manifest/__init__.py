@@ -19,6 +19,7 @@ from runner.manifest.catalog import (
     manifest_validators,
     upload_pointers,
 )
+from runner.manifest.diagnostics import diagnostics_document, problem_count
 from runner.manifest.loader import Manifest, load_manifests
 from runner.manifest.pricing import (
     PriceTable,
@@ -40,6 +41,7 @@ __all__ = [
     "built_in_labels",
     "built_in_prices",
     "bundled_schema",
+    "diagnostics_document",
     "estimate",
     "load_catalog",
     "load_manifests",
@@ -47,6 +49,7 @@ __all__ = [
     "merged_prices",
     "parse_price_override",
     "pricing",
+    "problem_count",
     "rate_and_key",
     "upload_pointers",
     "valid_resolutions",

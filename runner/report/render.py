@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner.api import DEFAULT_BASE_URL
-from runner.engine import NO_VIDEO_STATES, expires_ts, needs_download
+from runner.engine import REGENERABLE, expires_ts, needs_download
 from runner.ledger import COLUMNS, ledger_path, read_latest, write_csv
 from runner.manifest import load_catalog, pricing
 from runner.models import Job
@@ -95,12 +95,15 @@ def _next_steps(
         steps.append(f"{missing} downloaded files missing or damaged: "
                      f"apimart-batch download {media}")
     if expired:
-        steps.append(f"{len(expired)} links expired before download: give those jobs new ids "
-                     "to generate them again")
-    bad = sum(totals.get(status, 0) for status in NO_VIDEO_STATES)
-    if bad:
-        steps.append(f"{bad} failed, cancelled or lost by the API (refunded per APIMart): "
-                     "give those jobs new ids to try again")
+        steps.append(f"{len(expired)} links past expires_at, not downloaded: 'download' asks "
+                     f"each task for a fresh link (needs the key): apimart-batch download {media}")
+    ended = sum(totals.get(status, 0) for status in REGENERABLE)
+    if ended:
+        steps.append(f"{ended} failed, cancelled or expired (no video; APIMart refunds failed "
+                     f"tasks): to buy them again, a new take each: {run} --retry-failed")
+    if totals.get("not_found"):
+        steps.append(f"{totals['not_found']} not found by the API: check --base-url and the "
+                     "key are the ones that created them (the tasks may still exist)")
     return steps
 
 
