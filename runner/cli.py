@@ -39,18 +39,46 @@ from runner.report import models_listing, render_models
 EXIT_CODES = """\
 exit codes:
   0    every job submitted or already done (jobs held back by --max-jobs are fine)
-  1    some jobs rejected, error, unknown, changed, failed, cancelled or not_found;
-       a model the API does not serve (its jobs are 'error'); stopped at --budget;
-       tasks of another API left alone; or (with --wait, and for download) videos
-       not on disk yet
+  1    some jobs need action: rejected, error, unknown, changed, failed, cancelled,
+       not_found or expired; a model the API does not serve; stopped at --budget or
+       halted (--halt-after); tasks of another API left alone; or (with --wait, and
+       for download) videos not on disk yet
   2    invalid usage, manifest or ledger: nothing was sent (or, if the ledger
        became unwritable mid-run, nothing more; the message names any task id)
-  3    stopped by the API: key, permission or balance
+  3    stopped by the API: key, permission or balance (or the balance check)
   75   the ledger is in use by another run
   141  stdout was closed early (e.g. '| head'); what was recorded stays recorded
   130  interrupted (SIGINT); 143: terminated (SIGTERM). In-flight requests finish
        and are recorded; a second signal aborts at once
 """
+#: Each command's own exit codes, for its --help.
+_OFFLINE_CODES = """\
+exit codes:
+  0    done
+  2    invalid usage, manifest or ledger
+  141  stdout was closed early (e.g. '| head')
+"""
+_LEDGER_CODES = """\
+exit codes:
+  0    nothing needs action
+  1    jobs need action: rejected, error, unknown, failed, cancelled, not_found or
+       expired; tasks of another API left alone; {more}
+  2    invalid usage or ledger
+  3    the API refused the key or permission
+  75   the ledger is in use by another run
+  130  interrupted (SIGINT); 143: terminated (SIGTERM)
+"""
+COMMAND_CODES = {
+    "run": EXIT_CODES,
+    "status": _LEDGER_CODES.format(more="with --wait, tasks still running"),
+    "download": _LEDGER_CODES.format(more="videos not on disk yet, or a file in\n       "
+                                          "the way that was not replaced"),
+    "mock-server": "exit codes:\n  0    stopped by Ctrl-C\n  2    invalid usage, or the "
+                   "port is in use\n",
+}
+#: The most requests in flight -j accepts: far beyond any per-key rate limit, and small
+#: enough that the pools it sizes stay a few MB.
+MAX_CONCURRENCY = 512
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, description=help_text, epilog=EXIT_CODES,
+        return sub.add_parser(name, help=help_text, description=help_text,
+                              epilog=COMMAND_CODES.get(name, _OFFLINE_CODES),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
     p = command("validate", "Check manifests against the schema; send nothing.")
@@ -134,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ledger", metavar="PATH",
                    help="ledger CSV (default: <manifest stem>.ledger.csv beside it; "
                         "<stem>.mock.ledger.csv with --mock)")
-    p.add_argument("-j", "--concurrency", type=_positive_int, default=8, metavar="N",
+    p.add_argument("-j", "--concurrency", type=_concurrency, default=8, metavar="N",
                    help="API requests in flight at most: submissions, polls and uploads "
                         "(default 8; --wait downloads get as many again)")
     p.add_argument("--rate", type=_rate, metavar="N/s",
@@ -176,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("status", "Poll unfinished tasks of a ledger and record their state.")
     p.add_argument("ledger", metavar="LEDGER")
     p.add_argument("--wait", action="store_true", help="keep polling until every task ends")
-    p.add_argument("-j", "--concurrency", type=_positive_int, default=8, metavar="N",
+    p.add_argument("-j", "--concurrency", type=_concurrency, default=8, metavar="N",
                    help="requests in flight at most (default 8)")
     _add_media_flags(p, out=False)
     _add_target_flags(p, mock=False)
@@ -185,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("download", "Download every completed video of a ledger not yet on disk.")
     p.add_argument("ledger", metavar="LEDGER")
-    p.add_argument("-j", "--concurrency", type=_positive_int, default=4, metavar="N",
+    p.add_argument("-j", "--concurrency", type=_concurrency, default=4, metavar="N",
                    help="downloads at once (default 4)")
     _add_media_flags(p, poll=False)
     _add_target_flags(p, mock=False, key_use="optional: asks expired tasks for a fresh link")
@@ -478,6 +507,10 @@ def _api_key(args: argparse.Namespace, console: Console, *, required: bool = Tru
         key = api_key_from_env() or ""
     if not key and not required and not args.key_file:
         return Secret("")
+    if not key and args.key_file:
+        msg = (f"{args.key_file}: the key file is empty\n"
+               "  hint: put the API key in it, alone on one line")
+        raise UsageError(msg)
     if not key:
         msg = ("no API key: set APIMART_API_KEY or pass --key-file FILE\n"
                "  hint: add --mock to try the whole run against the built-in emulator")
@@ -511,6 +544,14 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         msg = f"must be a whole number > 0, got '{text}'"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _concurrency(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_CONCURRENCY:
+        msg = f"must be at most {MAX_CONCURRENCY} (requests in flight), got '{text}'"
         raise argparse.ArgumentTypeError(msg)
     return value
 

@@ -63,3 +63,37 @@ def test_validate_json_lists_every_problem_and_survives_a_closed_pipe(tmp_path: 
     piped = subprocess.run(["/bin/bash", "-c", shell], capture_output=True, text=True,
                            timeout=60, cwd=tmp_path, check=False)
     assert piped.returncode in (2, 141) and "Traceback" not in piped.stderr
+
+
+# -- rough edges of issue 12 -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("command", "says", "never"), [
+    ("run", "3    stopped by the API", None),
+    ("status", "with --wait, tasks still running", "--max-jobs"),
+    ("download", "videos not on disk yet", "--max-jobs"),
+    ("plan", "0    done", "3    "),
+    ("report", "0    done", "3    "),
+])
+def test_each_command_help_lists_its_own_exit_codes(tmp_path: Path, command: str, says: str,
+                                                    never: str | None) -> None:
+    """`COMMAND --help` ends with that command's exit codes, not run's."""
+    done = cli(tmp_path, command, "--help")
+    assert done.returncode == 0 and says in done.stdout
+    assert never is None or never not in done.stdout
+
+
+def test_a_huge_concurrency_is_refused_before_any_work(tmp_path: Path) -> None:
+    """-j beyond the documented bound is exit 2 at once (it once grew to 23 GB)."""
+    done = cli(tmp_path, "run", write_manifest(tmp_path, 1), "--mock", "-j", "1000000000")
+    assert done.returncode == 2 and "at most 512" in done.stderr
+    assert not (tmp_path / "batch.mock.ledger.csv").exists()
+
+
+def test_an_empty_key_file_says_so(tmp_path: Path) -> None:
+    """--key-file naming an empty file: the message is about that file, not 'pass --key-file'."""
+    (tmp_path / "k").write_text("\n", encoding="utf-8")
+    (tmp_path / "k").chmod(0o600)
+    done = cli(tmp_path, "run", write_manifest(tmp_path, 1), "--key-file", "k", key=False)
+    assert done.returncode == 2
+    assert "k: the key file is empty" in done.stderr and "pass --key-file" not in done.stderr
