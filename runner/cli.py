@@ -33,8 +33,12 @@ from runner.manifest import (
     load_manifests,
     pricing,
     problem_count,
+    schema_dir,
 )
 from runner.report import models_listing, render_models
+
+#: The manifest schema with only file-local $refs: what editors can load.
+EDITOR_SCHEMA = "manifest.editor.schema.json"
 
 EXIT_CODES = """\
 exit codes:
@@ -151,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("schema", "Print the manifest JSON Schema (self-contained), or one model's.")
     p.add_argument("--model", metavar="ID",
                    help="print the request schema of one catalog model instead")
+    p.add_argument("--path", action="store_true",
+                   help="print where the installed editor schema lives (for a "
+                        "'# yaml-language-server: $schema=' line or editor settings)")
     p.set_defaults(func=cmd_schema)
 
     p = command("models", "List the model catalog: what each model takes, its values, its price.")
@@ -372,6 +379,13 @@ def _plan_balance(args: argparse.Namespace) -> dict[str, float | None] | str:
 
 def cmd_schema(args: argparse.Namespace) -> int:
     """``schema``: the manifest schema with the catalog embedded, or one model's schema."""
+    if args.path:
+        path = schema_dir() / EDITOR_SCHEMA
+        if not path.is_file():
+            msg = f"{path}: the editor schema is missing from this installation"
+            raise UsageError(msg)
+        print(path)
+        return 0
     catalog = load_catalog()
     if args.model is None:
         document = bundled_schema(catalog)

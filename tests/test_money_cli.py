@@ -97,3 +97,14 @@ def test_an_empty_key_file_says_so(tmp_path: Path) -> None:
     done = cli(tmp_path, "run", write_manifest(tmp_path, 1), "--key-file", "k", key=False)
     assert done.returncode == 2
     assert "k: the key file is empty" in done.stderr and "pass --key-file" not in done.stderr
+
+
+def test_schema_path_points_at_the_schema_the_modelines_name(tmp_path: Path) -> None:
+    """`schema --path` is the installed editor schema: the file each example's modeline names."""
+    done = cli(tmp_path, "schema", "--path")
+    assert done.returncode == 0
+    path = Path(done.stdout.strip())
+    assert path.is_file() and path.name == "manifest.editor.schema.json"
+    modeline = (Path(__file__).parent.parent / "jobs" / "example.yaml").read_text().splitlines()[0]
+    assert modeline.endswith("$schema=../schemas/" + path.name)
+    assert json.loads(path.read_text(encoding="utf-8"))["$schema"]

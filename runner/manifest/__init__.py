@@ -31,6 +31,7 @@ from runner.manifest.pricing import (
     rate_and_key,
     valid_resolutions,
 )
+from runner.manifest.schemas import schema_dir
 
 __all__ = [
     "COMMON_FIELDS",
@@ -51,6 +52,7 @@ __all__ = [
     "pricing",
     "problem_count",
     "rate_and_key",
+    "schema_dir",
     "upload_pointers",
     "valid_resolutions",
 ]
