@@ -59,6 +59,8 @@ SUMMARY_ORDER = (
     "downloaded", "fresh links", "missing files", "download errors", "file conflicts",
     "expired",
 )  # fmt: skip
+#: How many jobs of one state the summary names before it gives a count and a command.
+_NAMED = 5
 #: Failed or rejected outcomes this run must see before a share can halt it.
 HALT_SAMPLE = 10
 
@@ -500,6 +502,13 @@ def _finish(
         "ledger_states": dict(states),
         "changed": [d.job.job_id for d in outcome.changed],
         "unknown": unknown,
+        "needs_action": [
+            {"job_id": job.job_id, "status": row["status"], "reason": row.get("error") or None,
+             "manifest": job.manifest, "line": job.line}
+            for job in jobs
+            if (row := ledgers.latest.get(job.job_id)) is not None
+            and row.get("status") in NEEDS_ACTION
+        ],
         "held_by_max_jobs": outcome.held_by_max_jobs,
         "held_by_budget": outcome.held_by_budget,
         "held_by_deadline": outcome.held_by_deadline,
@@ -581,6 +590,18 @@ def _print_summary(
             "('apimart-batch report LEDGER'), fix the manifest, then rerun (--halt-after off "
             "never halts)"
         )
+    needs = summary["needs_action"]
+    assert isinstance(needs, list)
+    # Named always, -q or not, on stderr (cron mails it): the first few of each state, in full.
+    for state in ("rejected", "error"):
+        named = [entry for entry in needs if entry["status"] == state]
+        for entry in named[:_NAMED]:
+            console.warn(f"{entry['manifest']}:{entry['line']}: job '{entry['job_id']}' is "
+                         f"{state}: {entry['reason'] or 'no reason recorded'}")
+        if len(named) > _NAMED:
+            ledger = shlex.quote(str(ledgers.all[0].path))
+            console.warn(f"... and {len(named) - _NAMED} more {state} jobs: "
+                         f"apimart-batch report {ledger} lists them all")
     rows = [row for job in jobs if (row := ledgers.latest.get(job.job_id)) is not None]
     hint = regenerate_hint(rows, ledger=config.ledger, mock=config.mock,
                            base_url=config.base_url)

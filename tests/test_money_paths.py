@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import io
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -322,3 +323,21 @@ async def test_halt_after_stops_a_run_where_every_task_fails(emulator, tmp_path)
     # Off: the same batch goes to the end.
     assert await run(srv, manifest, out=str(tmp_path / "videos"), halt_after=None) == 1
     assert stat(srv, "tasks_created") == 40
+
+
+async def test_failed_jobs_are_named_with_reasons_under_quiet_too(emulator, tmp_path):
+    """-q hides progress, never problems: each error job is named with its reason in full,
+    and --summary-json lists every job that needs action."""
+    srv = await emulator(p_503=1.0)
+    manifest = prompts(tmp_path, 7)
+    stream = io.StringIO()
+    summary = tmp_path / "summary.json"
+    code = await run(srv, manifest, wait=False, console=Console(quiet=True, stream=stream),
+                     summary_json=str(summary), check_balance=False)
+    assert code == EXIT_JOBS_FAILED
+    said = stream.getvalue()
+    assert said.count("is error: ") == 5 and "... and 2 more error jobs" in said
+    assert "apimart-batch report" in said
+    needs = json.loads(summary.read_text())["needs_action"]
+    assert [entry["job_id"] for entry in needs] == [f"job-{i}" for i in range(7)]
+    assert all(entry["status"] == "error" and "503" in entry["reason"] for entry in needs)
