@@ -1,7 +1,8 @@
 """Measuring a child process, and the emulator it talks to, on Linux.
 
-``measure`` runs one command and reads its wall time, its CPU seconds and its peak RSS from
-``os.wait4`` (the kernel's own accounting of that child and the children it waited for).
+``measure`` runs one command through ``bench/spawn.py``, which reads its wall time, its CPU
+seconds and its peak RSS from ``os.wait4`` (the kernel's own accounting of that child and the
+children it waited for).
 During the run it also reads ``/proc/stat`` and the emulator's ``/proc/PID/stat``, so each
 sample says how busy the emulator was and how many cores other processes took: on a shared
 machine that is what makes a slow figure explainable.
@@ -14,7 +15,7 @@ import os
 import re
 import subprocess
 import sys
-import time
+import tempfile
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -25,6 +26,7 @@ from typing import IO, Any
 __all__ = ["Emulator", "Sample", "cli", "measure", "python"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
+SPAWN = Path(__file__).with_name("spawn.py")
 #: Any string serves as the emulator's key; it is never a real one.
 BENCH_KEY = "bench-key-not-a-secret"
 
@@ -113,38 +115,47 @@ def measure(
     """
     out: IO[bytes] | int = stdout.open("wb") if stdout else subprocess.DEVNULL
     err: IO[bytes] | int = log.open("wb") if log else subprocess.PIPE
+    fd, report_name = tempfile.mkstemp(prefix="bench-spawn-", suffix=".json")
+    os.close(fd)
+    report = Path(report_name)
     emu_before = _process_seconds(emulator.pid) if emulator else 0.0
     busy_before = _busy_seconds()
-    started = time.perf_counter()
+    proc: subprocess.Popen[bytes] | None = None
     try:
+        # Through the spawner, so the child's peak RSS is its own (see bench/spawn.py).
+        spawner = [sys.executable, str(SPAWN), str(report), "--", *argv]
         proc = subprocess.Popen(
-            list(argv), cwd=cwd, env=dict(env or bench_env()), stdout=out, stderr=err
+            spawner, cwd=cwd, env=dict(env or bench_env()), stdout=out, stderr=err
         )
         # A full stderr pipe would block the child; drain it while waiting when nobody logs.
         errors = proc.stderr.read() if proc.stderr is not None else b""
         _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        busy = _busy_seconds() - busy_before
+        emu = (_process_seconds(emulator.pid) - emu_before) if emulator else 0.0
+        child = json.loads(report.read_text(encoding="utf-8")) if proc.returncode == 0 else None
     finally:
+        report.unlink(missing_ok=True)
         for stream in (out, err):
             if not isinstance(stream, int):
                 stream.close()
-    proc.returncode = rc = os.waitstatus_to_exitcode(status)
-    if proc.stderr is not None:
-        proc.stderr.close()
-    busy = _busy_seconds() - busy_before
-    emu = (_process_seconds(emulator.pid) - emu_before) if emulator else 0.0
-    cpu = usage.ru_utime + usage.ru_stime
-    if rc not in ok:
+        if proc is not None and proc.stderr is not None:
+            proc.stderr.close()
+    rc = child["rc"] if child else proc.returncode
+    if child is None or rc not in ok:
         text = errors.decode(errors="replace") if errors else (log.read_text() if log else "")
         msg = f"{' '.join(argv[:4])} ... exited {rc}:\n{text[-2000:]}"
         raise Failed(msg)
+    wall = child["wall_s"]
+    # The spawner's own CPU (tens of ms) counts as ours, not as another process's.
+    cpu = usage.ru_utime + usage.ru_stime
     return Sample(
         argv=list(argv),
         rc=rc,
         wall_s=round(wall, 4),
-        user_s=round(usage.ru_utime, 4),
-        sys_s=round(usage.ru_stime, 4),
-        max_rss_kb=usage.ru_maxrss,
+        user_s=round(child["user_s"], 4),
+        sys_s=round(child["sys_s"], 4),
+        max_rss_kb=int(child["max_rss_kb"]),
         emulator_cpu_s=round(emu, 4),
         others_cores=round(max(0.0, busy - cpu - emu) / wall, 3) if wall > 0 else 0.0,
     )

@@ -83,15 +83,25 @@ def _machine(started_load: tuple[float, float, float]) -> str:
     return (
         f"{os.cpu_count()} cores ({model or platform.machine()}), Linux {platform.release()}, "
         f"Python {platform.python_version()}; load average {started_load[0]:.2f} at the start, "
-        f"{load[0]:.2f} at the end (other work was running on the machine: absolute times are "
-        "noisy, compare the ratios, which pair runs made side by side)"
+        f"{load[0]:.2f} at the end. The machine may be shared: each row's note says how many "
+        "cores other processes kept busy; absolute times move with that, ratios of runs made "
+        "side by side much less"
     )
 
 
-def _runner_origin() -> str:
+def _measured(commit: str, dirty: bool, origin: str) -> str:
+    """Which code was measured: this checkout's commit, or the other tree PYTHONPATH named."""
+    if Path(origin).parent != ROOT:
+        return f"the code in `{Path(origin).parent}` (harness at commit `{commit}`)"
+    return f"commit `{commit}`" + (" + uncommitted changes in runner/" if dirty else "")
+
+
+def _runner_origin(cwd: Path) -> str:
     """Where the children import ``runner`` from (PYTHONPATH may point at another checkout)."""
     probe = [sys.executable, "-c", "import runner; print(runner.__file__)"]
-    done = subprocess.run(probe, env=bench_env(), capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        probe, cwd=cwd, env=bench_env(), capture_output=True, text=True, check=False
+    )
     return str(Path(done.stdout.strip()).parent) if done.returncode == 0 else "unknown"
 
 
@@ -132,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     started, load = time.monotonic(), os.getloadavg()
     commit = _git("rev-parse", "--short", "HEAD") or "unknown"
     dirty = bool(_git("status", "--porcelain", "--", "runner", "schemas"))
-    origin = _runner_origin()
+    origin = _runner_origin(work)
 
     def say(text: str) -> None:
         print(f"[{time.monotonic() - started:6.0f} s] {text}", file=sys.stderr, flush=True)
@@ -155,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         + (" --quick" if args.quick else "")
         + (f" --only {args.only}" if args.only else ""),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit + (" + uncommitted changes in runner/" if dirty else ""),
+        "commit": _measured(commit, dirty, origin),
         "runner_imported_from": origin,
         "machine": _machine(load),
         "quick": args.quick,

@@ -618,7 +618,9 @@ def _size_limit(b: Bench, size: int) -> Row:
         bound="exit 0",
         target="accepted",
         met=s.rc == 0,
-        note=(said[0][:160] if said and s.rc else f"validate {s.wall_s:.1f} s"),
+        note=(
+            said[0].replace(str(m), m.name)[:160] if said and s.rc else f"validate {s.wall_s:.1f} s"
+        ),
         extra={"stderr": said[:3], "sample": s.as_json()},
     )
 
@@ -774,7 +776,7 @@ def startup(b: Bench) -> list[Row]:
 
 
 #: Imports worth naming in the start-up rows: what a command that sends nothing should skip.
-_WATCHED = ("aiohttp", "jsonschema", "referencing", "yaml", "tqdm", "asyncio", "runner")
+_WATCHED = ("runner.cli", "aiohttp", "jsonschema", "referencing", "yaml", "tqdm", "asyncio")
 
 
 def _imports(argv: list[str], b: Bench) -> dict[str, float]:

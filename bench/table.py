@@ -105,7 +105,7 @@ def _markdown(rows: list[Row], meta: dict[str, Any]) -> str:
     lines = [
         "# Benchmarks",
         "",
-        f"Measured by `{meta['command']}` on {meta['date']} at commit `{meta['commit']}`",
+        f"Measured by `{meta['command']}` on {meta['date']}: {meta['commit']}",
         f"(`runner` imported from `{meta.get('runner_imported_from', '?')}`).",
         "Each figure is the median of the runs, with [min–max]; ratios are taken run by run",
         "(ours and naive alternate against the same emulator process) and then their median.",
