@@ -109,7 +109,8 @@ def test_exit_3_on_insufficient_balance(mock_server, tmp_path):
     server = mock_server("--quota", "2")
     done = cli(tmp_path, "run", write_manifest(tmp_path, 5), "-j", "1", "--base-url", server.url)
     assert done.returncode == 3
-    [line] = done.stderr.splitlines()
+    [line] = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert "is error: " in done.stderr  # the refused job is named, with the API's words
     assert line.startswith("error: APIMart says the balance is insufficient: 1 jobs refused, "
                            "2 not submitted; the 2 tasks created before it are recorded")
     assert line.endswith("; rerun after topping up")
