@@ -29,6 +29,7 @@ import aiohttp.abc
 import pytest
 from aiohttp import web
 from jobfactory import edit, make_job
+from keyguard import key_guards
 from multidict import CIMultiDict
 
 from runner.api.answers import Submitted, TaskState, parse_task
@@ -46,7 +47,6 @@ from runner.emulator.contract import (
 from runner.emulator.server import RunningEmulator
 from runner.errors import (
     AmbiguousError,
-    ApiError,
     FatalApiError,
     ModelUnavailableError,
     RejectedError,
@@ -76,25 +76,7 @@ Start = Callable[..., Awaitable[tuple[RunningEmulator, Client]]]
 # -- secrecy checks used by every test -------------------------------------------------------
 
 
-def assert_no_key(exc: BaseException) -> None:
-    """Fail if the key shows in ``exc``: str, repr, the cause chain or the printed traceback."""
-    texts = ["".join(traceback.format_exception(exc))]
-    link: BaseException | None = exc
-    while link is not None:
-        texts += [str(link), repr(link), repr(link.args)]
-        link = link.__cause__ or link.__context__
-    leaked = [text for text in texts if KEY in text]
-    assert not leaked, f"the API key leaked into an exception: {leaked[0][:300]}"
-
-
-async def expect(cls: type[ApiError], call: Awaitable[object]) -> ApiError:
-    """Await ``call``; it must raise exactly ``cls`` (not a subclass or sibling) without the key."""
-    with pytest.raises(ApiError) as info:
-        await call
-    exc = info.value
-    assert type(exc) is cls, f"expected {cls.__name__}, got {type(exc).__name__}: {exc}"
-    assert_no_key(exc)
-    return exc
+assert_no_key, expect = key_guards(KEY)
 
 
 # -- servers and clients ---------------------------------------------------------------------

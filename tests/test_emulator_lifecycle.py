@@ -14,7 +14,6 @@ import json
 import math
 import shutil
 import subprocess
-import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,12 +21,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 from jobfactory import make_job
+from keyguard import key_guards
 
 from runner.api import Balance, Client, TaskState
 from runner.emulator.config import EmulatorConfig, add_arguments, config_from_args
 from runner.emulator.contract import video_bytes
 from runner.emulator.server import RunningEmulator
-from runner.errors import ApiError, FatalApiError, RejectedError, RetryableError
+from runner.errors import FatalApiError, RejectedError, RetryableError
 
 pytestmark = pytest.mark.usefixtures("no_key_in_logs")
 KEY = "sk-test-LIFECYCLE-0123456789"
@@ -38,25 +38,7 @@ FOUR = make_job("four", model="sora-2", prompt="a heron at dawn", duration=4)
 Connect = Callable[..., Awaitable[Client]]
 
 
-def assert_no_key(exc: BaseException) -> None:
-    """Fail if the key shows in ``exc``: str, repr, args, the chain or the printed traceback."""
-    texts = ["".join(traceback.format_exception(exc))]
-    link: BaseException | None = exc
-    while link is not None:
-        texts += [str(link), repr(link), repr(link.args)]
-        link = link.__cause__ or link.__context__
-    leaked = [text for text in texts if KEY in text]
-    assert not leaked, f"the API key leaked into an exception: {leaked[0][:300]}"
-
-
-async def expect(cls: type[ApiError], call: Awaitable[object]) -> ApiError:
-    """Await ``call``; it must raise exactly ``cls``, without the key anywhere in it."""
-    with pytest.raises(ApiError) as info:
-        await call
-    exc = info.value
-    assert type(exc) is cls, f"expected {cls.__name__}, got {type(exc).__name__}: {exc}"
-    assert_no_key(exc)
-    return exc
+assert_no_key, expect = key_guards(KEY)
 
 
 async def start(emulator: Any, connect: Connect, **knobs: Any) -> tuple[RunningEmulator, Client]:

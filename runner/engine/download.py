@@ -116,11 +116,9 @@ def file_problem(row: Mapping[str, str], *, verify: bool = False) -> str | None:
         return f"changed (now {size} bytes, recorded {row.get('bytes') or '?'})"
     recorded = row.get("file_sha256", "")
     if verify and recorded:
-        digest = hashlib.sha256()
         try:
             with path.open("rb") as file:
-                for chunk in iter(partial(file.read, 1 << 20), b""):
-                    digest.update(chunk)
+                digest = hashlib.file_digest(file, "sha256")
         except OSError as exc:
             return f"unreadable ({exc.strerror})"
         if digest.hexdigest() != recorded:
