@@ -230,8 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("report", "Summarise a ledger: one row per job, totals, costs, next steps.")
     p.add_argument("ledger", metavar="LEDGER")
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table",
-                   help="a table for people (default), or CSV / JSON for programs")
+    p.add_argument("--format", choices=("table", "csv", "json", "html"), default="table",
+                   help="a table for people (default), CSV / JSON for programs, or html: a "
+                        "self-contained page to review the videos in a browser")
+    p.add_argument("--out", metavar="FILE",
+                   help="with --format html: where the page goes (a folder means report.html "
+                        "in it; default: beside the videos, e.g. jobs/videos/example/"
+                        "report.html)")
     p.set_defaults(func=cmd_report)
 
     p = command("mock-server", "Run the APIMart emulator on 127.0.0.1 (for tests and demos).")
@@ -263,6 +268,9 @@ def _add_price_flag(p: argparse.ArgumentParser) -> None:
 
 def _add_media_flags(p: argparse.ArgumentParser, *, out: bool = True, poll: bool = True) -> None:
     if out:
+        p.add_argument("--no-html", action="store_true",
+                       help="do not write the review page (report.html beside the videos) at "
+                            "the end")
         p.add_argument("--out", metavar="DIR",
                        help="folder for downloaded videos (default: 'videos' beside the ledger)")
     if poll:
@@ -442,7 +450,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         out=args.out,
         timing=_timing(args, mock=args.mock),
     )
-    return asyncio.run(run_jobs(config, console))
+    code = asyncio.run(run_jobs(config, console))
+    if args.wait:
+        ledgers = {ledger_path(m, mock=args.mock, override=args.ledger) for m in args.manifests}
+        _review_page(args, sorted(ledgers), console)
+    return code
+
+
+def _review_page(args: argparse.Namespace, ledgers: Sequence[str], console: Console) -> None:
+    """Write or refresh each ledger's review page (``report --format html``) after the media.
+
+    The run is over and recorded by then: a page that cannot be written is a warning.
+    """
+    if args.no_html:
+        return
+    for ledger in ledgers:
+        if not Path(ledger).is_file():
+            continue
+        try:
+            page = report.write_html([ledger], report.default_page(ledger, args.out))
+        except RunnerError as exc:
+            console.warn(str(exc))
+            continue
+        if not console.quiet:
+            print(f"review page: {page}")
 
 
 def _ledger_config(args: argparse.Namespace, console: Console) -> LedgerConfig:
@@ -474,7 +505,9 @@ def cmd_download(args: argparse.Namespace) -> int:
     """``download``: fetch completed videos."""
     console = Console(quiet=args.quiet, json_lines=args.log_format == "json")
     config = _ledger_config(args, console)
-    return asyncio.run(run_download(config, console))
+    code = asyncio.run(run_download(config, console))
+    _review_page(args, [args.ledger], console)
+    return code
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -482,6 +515,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not Path(args.ledger).is_file():
         msg = f"{args.ledger}: no such ledger"
         raise LedgerError(msg)
+    if args.format == "html":
+        page = report.write_html([args.ledger], Path(args.out) if args.out else None)
+        print(page)
+        return 0
+    if args.out:
+        msg = "report: --out goes with --format html (the other formats print to stdout)"
+        raise UsageError(msg)
     built = report.build_report(args.ledger)
     render = {"table": report.render_table, "csv": report.render_csv, "json": report.render_json}
     print(render[args.format](built))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from pathlib import Path
 from clihelpers import cli
 
 from runner.ledger import ledger_path
+from runner.report import default_page
 
 #: Names Chromium is installed under (Debian, Ubuntu, Google's package).
 NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -169,3 +171,22 @@ def parse(markup: str) -> Node:
     builder.feed(markup)
     builder.close()
     return builder.root
+
+
+def main(argv: list[str]) -> int:
+    """``python tests/browser.py OUT.png``: the README's screenshot of the --mock example's page."""
+    if len(argv) != 1:
+        print("usage: python tests/browser.py OUT.png", file=sys.stderr)
+        return 2
+    binary = find_chromium()
+    if binary is None:
+        print("no Chromium on PATH (Debian: apt-get install chromium)", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory() as folder:
+        page = default_page(str(mock_run(Path(folder))))
+        screenshot(binary, page.as_uri(), Path(argv[0]).absolute(), window="1200,760")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -21,7 +21,15 @@ from browser import REQUIRED, Node, dump_dom, find_chromium, mock_run, parse, pr
 
 from runner.errors import UsageError
 from runner.ledger import COLUMNS, STATUSES, open_ledger, read_latest
-from runner.report.html import CSP, Entry, estimate, read_entries, render_html, write_html
+from runner.report.html import (
+    CSP,
+    Entry,
+    default_page,
+    estimate,
+    read_entries,
+    render_html,
+    write_html,
+)
 
 SAMPLE = Path(__file__).resolve().parent.parent / "runner" / "emulator" / "data" / "sample.mp4"
 NOW = 1_800_000_000.0
@@ -289,19 +297,32 @@ def downloaded(ledger: Path, job_id: str, file: Path, *, take: int = 1, **cells:
 
 
 def test_write_html_goes_beside_the_videos_and_merges_ledgers(tmp_path: Path) -> None:
-    """Default: videos/report.html by the first ledger; a job in two ledgers shows twice."""
+    """Default: videos/<stem>/report.html by the first ledger; a job in two ledgers shows twice."""
     first, second = tmp_path / "a.ledger.csv", tmp_path / "other" / "b.ledger.csv"
     second.parent.mkdir()
     downloaded(first, "same-id", video(tmp_path / "videos" / "a", "same-id.mp4"), prompt="one")
     downloaded(second, "same-id", video(second.parent / "videos" / "b", "x.mp4"), prompt="two")
     page = write_html([str(first), str(second)])
-    assert page == tmp_path / "videos" / "report.html"
+    assert page == tmp_path / "videos" / "a" / "report.html"
     cards = cards_of(page.read_text(encoding="utf-8"))
     assert [c.find_all("p", "prompt-text")[0].text for c in cards] == ["one", "two"]
     assert [c.find_all("video")[0].attrs["data-src"] for c in cards] == [
-        "a/same-id.mp4", "../other/videos/b/x.mp4"]
+        "same-id.mp4", "../../other/videos/b/x.mp4"]
     assert str(second) in cards[1].text  # each card names its ledger when there are several
-    assert sorted(p.name for p in page.parent.iterdir()) == ["a", "report.html"]  # no tmp file
+    assert sorted(p.name for p in page.parent.iterdir()) == ["report.html", "same-id.mp4"]
+
+
+@pytest.mark.parametrize(("ledger", "page"), [
+    ("jobs/example.ledger.csv", "jobs/videos/example/report.html"),
+    ("jobs/example.mock.ledger.csv", "jobs/videos/example/report.mock.html"),
+    ("jobs/example.shard-2-of-4.ledger.csv", "jobs/videos/example/report.html"),
+    ("jobs/example.mock.shard-0-of-2.ledger.csv", "jobs/videos/example/report.mock.html"),
+    ("runs/custom.csv", "runs/videos/custom/report.html"),
+])
+def test_default_page_sits_with_its_manifests_videos(ledger: str, page: str) -> None:
+    """The page lands in its manifest's video folder; a mock page never takes a real name."""
+    assert default_page(ledger) == Path(page)
+    assert default_page(ledger, "/srv/out").parent == Path("/srv/out") / Path(page).parent.name
 
 
 def test_write_html_takes_out_as_given_and_a_folder_means_report_html_inside(
@@ -401,9 +422,10 @@ def resolved(page: Path, src: str) -> Path:
 
 @pytest.mark.slow
 def test_a_mock_run_page_shows_every_video_playable(tmp_path: Path, chromium: str) -> None:
-    """The five example videos: every card there, every source a file, each one playable."""
+    """run --wait wrote the page: the five example videos, each a file, each one playable."""
     ledger = mock_run(tmp_path)
-    page = write_html([str(ledger)])
+    page = default_page(str(ledger))
+    assert page.is_file()
     dom = view(chromium, page)
     assert dom.find_all("html")[0].attrs.get("data-ready") == "1"  # our script ran (CSP hash)
     assert sorted(shown(dom)) == sorted(read_latest(ledger))

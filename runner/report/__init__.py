@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from runner.report.html import default_page, write_html
 from runner.report.plan import models_listing, plan_json, render_models, render_plan
 from runner.report.render import Report, build_report, render_csv, render_json, render_table
 
 __all__ = [
     "Report",
     "build_report",
+    "default_page",
     "models_listing",
     "plan_json",
     "render_csv",
@@ -15,4 +17,5 @@ __all__ = [
     "render_models",
     "render_plan",
     "render_table",
+    "write_html",
 ]

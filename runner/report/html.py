@@ -32,6 +32,7 @@ import hashlib
 import html
 import json
 import os
+import re
 import shlex
 import time
 import urllib.parse
@@ -50,6 +51,8 @@ from runner.manifest import load_catalog, pricing
 from runner.models import Job
 
 PAGE_NAME: Final = "report.html"
+#: What ``default_page`` strips from a ledger's file name to find its manifest's stem.
+_LEDGER_SUFFIX: Final = re.compile(r"(\.shard-\d+-of-\d+|\.mock)*(\.ledger)?\.csv$")
 #: The order statuses are listed in: from done to stuck.
 _STATUS_ORDER: Final = (
     "downloaded", "completed", "processing", "pending", "submitted", "submitting",
@@ -238,7 +241,7 @@ def write_html(ledgers: Sequence[str], out: Path | None = None, *,
                title: str | None = None) -> Path:
     """Read ``ledgers`` and write their page atomically; returns where it went.
 
-    ``out`` defaults to ``report.html`` in the first ledger's videos folder (created if
+    ``out`` defaults to ``default_page`` of the first ledger (its folder is created if
     needed); a folder means ``report.html`` inside it.
 
     Raises:
@@ -248,7 +251,7 @@ def write_html(ledgers: Sequence[str], out: Path | None = None, *,
     if not ledgers:
         msg = "write_html: 'ledgers' must name at least one ledger"
         raise ValueError(msg)
-    page = Path(default_out(ledgers[0])) / PAGE_NAME if out is None else out
+    page = default_page(ledgers[0]) if out is None else out
     if page.is_dir():
         page /= PAGE_NAME
     text = render_html(read_entries(ledgers), page=page, title=title or _title(ledgers),
@@ -266,6 +269,23 @@ def write_html(ledgers: Sequence[str], out: Path | None = None, *,
                "  hint: pass another --out, or check that folder's permissions")
         raise UsageError(msg) from exc
     return page
+
+
+def default_page(ledger: str, videos: str | None = None) -> Path:
+    """Where a ledger's page goes by default: beside the videos its runs download.
+
+    That is ``<videos>/<stem>/report.html``, ``videos`` being the download folder (by
+    default ``videos`` beside the ledger) and ``stem`` the ledger's name without
+    ``.ledger.csv``, ``.mock`` or a shard suffix: for ``jobs/example.ledger.csv``,
+    ``jobs/videos/example/report.html``, the folder of ``jobs/example.yaml``'s videos. A
+    ``--mock`` ledger's page is ``report.mock.html``, so a demo never replaces the page of
+    real purchases.
+    """
+    name = Path(ledger).name
+    mock = ".mock." in name
+    stem = _LEDGER_SUFFIX.sub("", name) or name
+    folder = Path(videos if videos is not None else default_out(ledger)) / stem
+    return folder / ("report.mock.html" if mock else PAGE_NAME)
 
 
 def _title(ledgers: Sequence[str]) -> str:
