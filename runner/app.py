@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from runner.api import DEFAULT_BASE_URL, Client, RetryPolicy, Secret, Timeouts, is_quota
-from runner.console import Console
+from runner.console import OPEN_WITH_WAIT, Console, Tally
 from runner.engine import (
     NEEDS_ACTION,
     POLLABLE_STATES,
@@ -34,7 +34,6 @@ from runner.engine import (
     regenerate_hint,
     rerun_command,
     run_pool,
-    show_progress,
     warn_other_targets,
     warn_unforeseen,
 )
@@ -209,7 +208,7 @@ async def run(config: RunConfig, console: Console) -> int:
             base_url, key = await connect(astack, mock=config.mock, config_key=config.api_key,
                                           base_url=config.base_url, console=console)
             client = await astack.enter_async_context(
-                Client(base_url, key, pool=config.concurrency,
+                Client(base_url, key, pool=min(config.concurrency, max(1, len(jobs))),
                        timeouts=Timeouts(submit=config.timeout))
             )
             if selected and config.check_balance:
@@ -366,18 +365,27 @@ async def _submit_all(
                           policy=config.policy, stop=halt,
                           retry_ambiguous=config.retry_ambiguous)
     halting = Halt(config.halt_after, halt) if config.halt_after is not None else None
-    if halting is not None:
-        ledgers.on_row = halting.on_row
     media = None
     if out is not None:
         # A --mock rerun serves earlier runs' video links from this process's emulator.
         media = Media(client, ledgers, config, stop, limiter, out=out,
                       base_url=_recorded_base_url(config),
                       origin=client.base_url if config.mock else None,
-                      on_error=partial(warn_unforeseen, console))
+                      on_error=partial(warn_unforeseen, console), jobs=len(every))
     started = time.monotonic()
     done = 0
-    console.start_progress(len(jobs), "submitting")
+    # One display for every phase: each of the manifests' jobs, by its latest ledger row.
+    tally = Tally({job_id: ledgers.latest.get(job_id, {}).get("status", "") for job_id in every},
+                  open_phases=("queued",) if out is None else OPEN_WITH_WAIT)
+
+    def on_row(job_id: str, status: str) -> None:
+        if halting is not None:
+            halting.on_row(job_id, status)
+        if tally.move(job_id, status):
+            console.progress()
+
+    ledgers.on_row = on_row
+    console.start_progress(tally)
 
     deadline = config.timing.deadline
 
@@ -392,7 +400,6 @@ async def _submit_all(
         if not await submitter(job):
             return  # the run stopped while it waited for its turn: not sent, no row
         done += 1
-        console.progress(done, len(jobs), submitter.counts)
         row = ledgers.latest.get(job.job_id, {})
         if media is not None and row.get("status") == "submitted":
             media.poller.add(job.job_id, row["task_id"])
@@ -401,8 +408,6 @@ async def _submit_all(
         await run_pool(jobs, work, workers=config.concurrency, stop=halt)
         if media is not None:
             media.poller.close()
-            console.end_progress()
-            show_progress(media, console)
 
     async def relay() -> None:
         await stop.wait()  # whatever stops the run stops submission too

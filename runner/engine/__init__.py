@@ -19,7 +19,6 @@ from runner.engine.lifecycle import (
     rerun_command,
     run_download,
     run_status,
-    show_progress,
     warn_other_targets,
     warn_unforeseen,
 )
@@ -54,7 +53,6 @@ __all__ = [
     "run_download",
     "run_pool",
     "run_status",
-    "show_progress",
     "warn_other_targets",
     "warn_unforeseen",
 ]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 from runner.api import DEFAULT_BASE_URL, Client, RetryPolicy, Secret
-from runner.console import Console
+from runner.console import Console, Tally
 from runner.engine.download import Downloader, expires_ts
 from runner.engine.poll import NO_VIDEO_STATES, POLLABLE_STATES, Poller, PollTiming
 from runner.engine.resume import REGENERABLE
@@ -94,8 +94,12 @@ class Media:
         on_error: Callable[[str, Exception], None] | None = None,
         refresh: bool = True,
         verify: bool = False,
+        jobs: int | None = None,
     ) -> None:
-        self.workers = config.concurrency
+        # Never more workers than jobs (``jobs``: how many this command may touch): a large
+        # -j costs nothing up front.
+        self.workers = max(1, min(config.concurrency, jobs if jobs is not None
+                                  else config.concurrency))
         self._queue = asyncio.PriorityQueue()
         self._poll = poll
         self._base_url = base_url.rstrip("/")
@@ -207,17 +211,21 @@ async def _on_ledger(config: LedgerConfig, console: Console, *, poll: bool, down
         async with AsyncExitStack() as stack:
             base_url, key = await connect(stack, mock=mock, config_key=config.api_key,
                                           base_url=config.base_url, console=console)
-            client = await stack.enter_async_context(Client(base_url, key, pool=config.concurrency))
-            media = Media(client, ledger, config, stop, Limiter(config.concurrency),
-                          base_url=target, out=out, poll=poll, repeat=config.wait,
-                          origin=base_url if mock else None,
+            pool = min(config.concurrency, max(1, len(ledger.latest)))
+            client = await stack.enter_async_context(Client(base_url, key, pool=pool))
+            tally = Tally({job: row.get("status", "") for job, row in ledger.latest.items()},
+                          open_phases=("queued", "submitted", "running") if poll
+                          else ("completed",))
+            media = Media(client, Watched(ledger, tally, console), config, stop,
+                          Limiter(config.concurrency), base_url=target, out=out, poll=poll,
+                          repeat=config.wait, origin=base_url if mock else None,
                           on_error=partial(warn_unforeseen, console),
-                          refresh=mock or bool(key.reveal()), verify=download)
+                          refresh=mock or bool(key.reveal()), verify=download,
+                          jobs=len(ledger.latest))
             skipped = media.resume(list(ledger.latest))
             warn_other_targets(skipped, target, console, "polled" if poll else "downloaded")
             media.poller.close()  # nothing else will be added: the pollers end when it drains
-            if poll and config.wait:
-                show_progress(media, console)
+            console.start_progress(tally)
             try:
                 async with interrupts(stop) as caught, asyncio.TaskGroup() as group:
                     syncing = group.create_task(keep_synced([ledger]))
@@ -282,19 +290,22 @@ def regenerate_hint(rows: Iterable[Mapping[str, str]], *, ledger: str | None, mo
             f"  hint: to buy them again (a new purchase each, a new take): {command}")
 
 
-def show_progress(media: Media, console: Console) -> None:
-    """Show completed/failed/running after every poll (a bar on a terminal, else rare lines)."""
-    poller = media.poller
-    total = poller.waiting
+class Watched:
+    """A ledger whose appended rows also move a progress ``Tally`` (and refresh the display)."""
 
-    def update() -> None:
-        failed = sum(poller.counts[s] for s in NO_VIDEO_STATES)
-        counts = {"completed": poller.counts["completed"], "failed": failed,
-                  "running": poller.waiting}
-        console.progress(total - poller.waiting, total, counts)
+    def __init__(self, ledger: Recorder, tally: Tally, console: Console) -> None:
+        self._ledger, self._tally, self._console = ledger, tally, console
 
-    poller.on_polled = update
-    console.start_progress(total, "polling")
+    @property
+    def latest(self) -> Mapping[str, Mapping[str, str]]:
+        """The wrapped ledger's latest rows."""
+        return self._ledger.latest
+
+    def append(self, job_id: str, **fields: object) -> None:
+        """Append to the wrapped ledger, then show the job's new phase."""
+        self._ledger.append(job_id, **fields)
+        if self._tally.move(job_id, self._ledger.latest[job_id].get("status", "")):
+            self._console.progress()
 
 
 def warn_unforeseen(console: Console, job_id: str, exc: Exception) -> None:
