@@ -103,6 +103,10 @@ class RunConfig:
     wait: bool = False
     out: str | None = None
     timing: PollTiming = field(default_factory=PollTiming)
+    #: ``--fail-on-held``: jobs held back by --max-jobs or --budget make the exit code 1.
+    fail_on_held: bool = False
+    #: Hears the summary once it is built (the --healthcheck-url ping sends it).
+    on_summary: Callable[[Mapping[str, object]], None] | None = None
 
 
 def _recorded_base_url(config: RunConfig) -> str:
@@ -499,7 +503,7 @@ def _finish(
     states = Counter(ledgers.latest.get(job.job_id, {}).get("status", "not sent") for job in jobs)
     unknown = sorted({j.job_id for j in jobs
                       if ledgers.latest.get(j.job_id, {}).get("status") == "unknown"})
-    code = _exit_code(outcome, states, wait=config.wait)
+    code = _exit_code(outcome, states, wait=config.wait, fail_on_held=config.fail_on_held)
     summary = {
         "exit_code": code,
         "jobs": outcome.total,
@@ -531,17 +535,23 @@ def _finish(
     _print_summary(summary, outcome, ledgers, jobs, config, console)
     if config.summary_json:
         _write_json(config.summary_json, summary, console)
+    if config.on_summary is not None:
+        config.on_summary(summary)
     return code
 
 
-def _exit_code(outcome: Outcome, states: Mapping[str, int], *, wait: bool) -> int:
+def _exit_code(outcome: Outcome, states: Mapping[str, int], *, wait: bool,
+               fail_on_held: bool) -> int:
     if outcome.signal is not None:
         return EXIT_SIGTERM if outcome.signal == signal.SIGTERM else EXIT_SIGINT
     if outcome.fatal:
         return EXIT_API_STOPPED
     # With --wait, the run promised videos on disk: anything short of that needs a rerun.
     unfinished = (POLLABLE_STATES | {"completed"}) if wait else frozenset()
-    held = outcome.held_by_budget or outcome.held_by_deadline
+    # Held back on purpose (a cron trickle, a spending cap) is fine unless asked otherwise;
+    # the deadline is not a choice of how much to send, so what it left is unfinished.
+    held = outcome.held_by_deadline or (
+        fail_on_held and (outcome.held_by_budget or outcome.held_by_max_jobs))
     if held or outcome.halted or outcome.changed or outcome.other_target or any(
         states.get(s) for s in NEEDS_ACTION | unfinished
     ):

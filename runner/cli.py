@@ -42,11 +42,12 @@ EDITOR_SCHEMA = "manifest.editor.schema.json"
 
 EXIT_CODES = """\
 exit codes:
-  0    every job submitted or already done (jobs held back by --max-jobs are fine)
+  0    every job submitted or already done (jobs held back by --max-jobs or --budget
+       are fine, unless --fail-on-held)
   1    some jobs need action: rejected, error, unknown, changed, failed, cancelled,
-       not_found or expired; a model the API does not serve; stopped at --budget or
-       halted (--halt-after); tasks of another API left alone; or (with --wait, and
-       for download) videos not on disk yet
+       not_found or expired; a model the API does not serve; halted (--halt-after);
+       jobs not started before --deadline; tasks of another API left alone; or (with
+       --wait, and for download) videos not on disk yet
   2    invalid usage, manifest or ledger: nothing was sent (or, if the ledger
        became unwritable mid-run, nothing more; the message names any task id)
   3    stopped by the API: key, permission or balance (or the balance check)
@@ -179,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="submit at most N new jobs this run")
     p.add_argument("--budget", type=_money, metavar="USD",
                    help="estimated USD this run may spend at most")
+    p.add_argument("--fail-on-held", action="store_true",
+                   help="exit 1 when --max-jobs or --budget held jobs back (default: exit 0, "
+                        "as for a cron trickle)")
     p.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S",
                    help="seconds to wait for one submission's answer (default 60)")
     p.add_argument("--max-attempts", type=_positive_int, default=5, metavar="N",
@@ -441,6 +445,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         wait=args.wait,
         out=args.out,
         timing=_timing(args, mock=args.mock),
+        fail_on_held=args.fail_on_held,
     )
     return asyncio.run(run_jobs(config, console))
 
