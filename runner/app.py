@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import shlex
 import signal
 import time
@@ -30,12 +28,14 @@ from runner.engine import (
     default_out,
     interrupts,
     merged_error,
+    needs_action,
     prepare_out,
     regenerate_hint,
     rerun_command,
     run_pool,
     warn_other_targets,
     warn_unforeseen,
+    write_json,
 )
 from runner.errors import (
     EXIT_API_STOPPED,
@@ -511,13 +511,11 @@ def _finish(
         "ledger_states": dict(states),
         "changed": [d.job.job_id for d in outcome.changed],
         "unknown": unknown,
-        "needs_action": [
-            {"job_id": job.job_id, "status": row["status"], "reason": row.get("error") or None,
-             "manifest": job.manifest, "line": job.line}
-            for job in jobs
-            if (row := ledgers.latest.get(job.job_id)) is not None
-            and row.get("status") in NEEDS_ACTION
-        ],
+        "needs_action": needs_action(
+            [{**row, "manifest": job.manifest} for job in jobs
+             if (row := ledgers.latest.get(job.job_id)) is not None],
+            {job.job_id: job.line for job in jobs},
+        ),
         "held_by_max_jobs": outcome.held_by_max_jobs,
         "held_by_budget": outcome.held_by_budget,
         "held_by_deadline": outcome.held_by_deadline,
@@ -534,7 +532,7 @@ def _finish(
     }
     _print_summary(summary, outcome, ledgers, jobs, config, console)
     if config.summary_json:
-        _write_json(config.summary_json, summary, console)
+        write_json(config.summary_json, summary, console)
     if config.on_summary is not None:
         config.on_summary(summary)
     return code
@@ -638,13 +636,3 @@ def resubmit_command(config: RunConfig) -> str:
     """The command that resends this run's 'unknown' jobs: same manifests, ledger and target."""
     return rerun_command(config.manifests, "--resubmit-unknown", ledger=config.ledger,
                          mock=config.mock, base_url=config.base_url)
-
-
-def _write_json(path: str, data: Mapping[str, object], console: Console) -> None:
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.replace(path)
-    except OSError as exc:
-        # The run is over and recorded: a summary file that cannot be written is a warning.
-        console.warn(f"--summary-json {path}: cannot write the summary ({exc.strerror})")

@@ -12,8 +12,9 @@ import subprocess
 import termios
 from pathlib import Path
 
+from clihelpers import BIN, write_manifest
+
 from runner.console import PHASES, Console, Tally
-from tests.clihelpers import BIN, write_manifest
 
 #: One refresh of the bar: percentage, a 10-cell bar, done/total, then the counts.
 BAR = re.compile(r"^\s*\d+%\|.{10}\| (\d+)/(\d+) ((?:[a-z]+:\d+ ?)*)\s*$")

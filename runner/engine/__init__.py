@@ -14,6 +14,7 @@ from runner.engine.lifecycle import (
     LedgerConfig,
     Media,
     default_out,
+    needs_action,
     prepare_out,
     regenerate_hint,
     rerun_command,
@@ -21,6 +22,7 @@ from runner.engine.lifecycle import (
     run_status,
     warn_other_targets,
     warn_unforeseen,
+    write_json,
 )
 from runner.engine.poll import NO_VIDEO_STATES, POLLABLE_STATES, PollTiming
 from runner.engine.resume import REGENERABLE, Decision, decide, recorded_take
@@ -45,6 +47,7 @@ __all__ = [
     "expires_ts",
     "interrupts",
     "merged_error",
+    "needs_action",
     "needs_download",
     "prepare_out",
     "recorded_take",
@@ -55,4 +58,5 @@ __all__ = [
     "run_status",
     "warn_other_targets",
     "warn_unforeseen",
+    "write_json",
 ]

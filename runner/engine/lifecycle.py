@@ -15,6 +15,7 @@ cut, and the tasks left are counted in ``poller.waiting`` (the summary's "still 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import signal
@@ -189,6 +190,10 @@ class LedgerConfig:
     timing: PollTiming = field(default_factory=PollTiming)
     out: str | None = None
     wait: bool = False
+    #: ``--summary-json PATH``: also write the summary there.
+    summary_json: str | None = None
+    #: Hears the summary once it is built (the --healthcheck-url ping sends it).
+    on_summary: Callable[[Mapping[str, object]], None] | None = None
 
 
 async def run_status(config: LedgerConfig, console: Console) -> int:
@@ -246,19 +251,57 @@ async def _on_ledger(config: LedgerConfig, console: Console, *, poll: bool, down
     hint = regenerate_hint(rows, ledger=config.ledger, mock=mock, base_url=config.base_url)
     if hint:
         console.warn(hint)
-    if caught:
-        return EXIT_SIGTERM if caught[0] == signal.SIGTERM else EXIT_SIGINT
     if media.fatal() is not None:
         console.error(str(media.fatal()))
-        return EXIT_API_STOPPED
-    if skipped:
-        return EXIT_JOBS_FAILED
     # The same rule as 'run': a job that needs action, or (download, status --wait) a
     # video that is not on disk or a task not finished yet, is exit 1.
     bad = NEEDS_ACTION | ({"completed"} if download else set())
     if config.wait and poll:
         bad |= POLLABLE_STATES
-    return EXIT_JOBS_FAILED if any(states.get(s) for s in bad) else EXIT_OK
+    if caught:
+        code = EXIT_SIGTERM if caught[0] == signal.SIGTERM else EXIT_SIGINT
+    elif media.fatal() is not None:
+        code = EXIT_API_STOPPED
+    elif skipped or any(states.get(s) for s in bad):
+        code = EXIT_JOBS_FAILED
+    else:
+        code = EXIT_OK
+    document = {
+        "exit_code": code,
+        "ledger": config.ledger,
+        "jobs": len(rows),
+        "this_run": dict(counts),
+        "ledger_states": dict(states),
+        "needs_action": needs_action(rows),
+        "other_target": skipped.total(),
+        "mock": mock,
+    }
+    if config.summary_json:
+        write_json(config.summary_json, document, console)
+    if config.on_summary is not None:
+        config.on_summary(document)
+    return code
+
+
+def needs_action(rows: Iterable[Mapping[str, str]],
+                 lines: Mapping[str, int] | None = None) -> list[dict[str, object]]:
+    """``--summary-json``'s ``needs_action``: each job in a state a person must act on,
+    with its status, reason, manifest and manifest line (None when unknown)."""
+    return [{"job_id": row["job_id"], "status": row["status"],
+             "reason": row.get("error") or None, "manifest": row.get("manifest") or None,
+             "line": (lines or {}).get(row["job_id"])}
+            for row in rows if row.get("status") in NEEDS_ACTION]
+
+
+def write_json(path: str, data: Mapping[str, object], console: Console) -> None:
+    """Write ``data`` to ``path`` as JSON, atomically; a failure only warns (``--summary-json``:
+    the command is over and recorded by then)."""
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        console.warn(f"--summary-json {path}: cannot write the summary ({exc.strerror})")
 
 
 def rerun_command(manifests: Iterable[str], flag: str, *, ledger: str | None, mock: bool,
