@@ -43,8 +43,8 @@ EDITOR_SCHEMA = "manifest.editor.schema.json"
 
 EXIT_CODES = """\
 exit codes:
-  0    every job submitted or already done (jobs held back by --max-jobs or --budget
-       are fine, unless --fail-on-held)
+  0    every job submitted or already done (jobs held back by --max-jobs or
+       --budget are fine, unless --fail-on-held)
   1    some jobs need action: rejected, error, unknown, changed, failed, cancelled,
        not_found or expired; a model the API does not serve; halted (--halt-after);
        jobs not started before --deadline; tasks of another API left alone; or (with
