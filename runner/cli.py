@@ -45,10 +45,10 @@ EXIT_CODES = """\
 exit codes:
   0    every job submitted or already done (jobs held back by --max-jobs or
        --budget are fine, unless --fail-on-held)
-  1    some jobs need action: rejected, error, unknown, changed, failed, cancelled,
-       not_found or expired; a model the API does not serve; halted (--halt-after);
-       jobs not started before --deadline; tasks of another API left alone; or (with
-       --wait, and for download) videos not on disk yet
+  1    some jobs need action: rejected, error, unknown, changed, failed,
+       cancelled, not_found or expired; a model the API does not serve; halted
+       (--halt-after); jobs not started before --deadline; tasks of another API
+       left alone; or (with --wait, and for download) videos not on disk yet
   2    invalid usage, manifest or ledger: nothing was sent (or, if the ledger
        became unwritable mid-run, nothing more; the message names any task id)
   3    stopped by the API: key, permission or balance (or the balance check)
