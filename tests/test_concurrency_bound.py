@@ -34,8 +34,7 @@ async def test_run_pool_starts_no_more_workers_than_items():
 
 
 async def test_j_512_with_5_jobs_makes_at_most_5_workers(emulator, tmp_path, monkeypatch):
-    """run --wait -j 512 on 5 jobs: every stage has at most 5 workers, and the peak task
-    count stays far below one task per -j slot."""
+    """run --wait -j 512 on 5 jobs: 5 media workers, and far fewer tasks than -j slots."""
     srv = await emulator(task_seconds=0)
     manifest = prompts(tmp_path, 5)
     media: list[int] = []

@@ -112,8 +112,7 @@ def test_readme_has_the_nightly_and_trickle_lines():
 
 
 def test_nightly_cron_line_runs_as_written(tmp_path, mock_server):
-    """The nightly line against the emulator, under env -i: exit 0, nothing printed, the
-    videos on disk and the summary written."""
+    """The nightly line under env -i against the emulator: exit 0, silent, videos, summary."""
     server = mock_server("--key", KEY)
     srv = setting_up(tmp_path, {"nightly": 3})
     command = place(tmp_path, cron_lines()[0], target=f"--base-url {server.url}")
@@ -127,8 +126,7 @@ def test_nightly_cron_line_runs_as_written(tmp_path, mock_server):
 
 
 def test_trickle_cron_line_holds_back_then_polls_and_downloads(tmp_path, mock_server):
-    """The trickle line twice on a 55-job backlog: 50, then the 5 left; each hour exits 0
-    (held back by --max-jobs is fine) and every video ends on disk."""
+    """The trickle line twice on 55 jobs: 50 then 5, each exits 0, every video on disk."""
     server = mock_server("--key", KEY)
     srv = setting_up(tmp_path, {"backlog": 55})
     command = place(tmp_path, cron_lines()[1], target=f"--base-url {server.url}")
@@ -167,8 +165,7 @@ def test_units_say_what_a_timer_needs():
 
 
 def test_service_execstart_runs_as_written(tmp_path):
-    """The service's ExecStart, with its WorkingDirectory and Environment, under env -i
-    with --mock: exit 0 and the summary written; systemd-analyze verify accepts the units."""
+    """The service's ExecStart (its folder and Environment) runs under env -i; units verify."""
     srv = setting_up(tmp_path, {"nightly": 3})
     service = units()["apimart-batch.service"]["Service"]
     command = shlex.split(place(tmp_path, service["ExecStart"][0], target="--mock"))

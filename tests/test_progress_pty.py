@@ -58,8 +58,7 @@ def refreshes(output: str) -> list[tuple[int, int, dict[str, int], str]]:
 
 
 def test_run_wait_bar_adds_up_at_every_refresh_and_fits_80_columns(tmp_path):
-    """run --wait --mock at 80 columns: each refresh's counts sum to the total, done is
-    downloaded + failed, the line fits, and downloads show up."""
+    """run --wait at 80 columns: every refresh adds up, counts done right, fits, ends at dl."""
     manifest = write_manifest(tmp_path, 40)
     code, output = run_in_pty(["run", manifest, "--mock", "--wait", "-j", "4"], tmp_path)
     assert code == 0, output
