@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import shlex
 import signal
 import time
@@ -16,7 +14,7 @@ from functools import partial
 from pathlib import Path
 
 from runner.api import DEFAULT_BASE_URL, Client, RetryPolicy, Secret, Timeouts, is_quota
-from runner.console import Console
+from runner.console import OPEN_WITH_WAIT, Console, Tally
 from runner.engine import (
     NEEDS_ACTION,
     POLLABLE_STATES,
@@ -30,13 +28,14 @@ from runner.engine import (
     default_out,
     interrupts,
     merged_error,
+    needs_action,
     prepare_out,
     regenerate_hint,
     rerun_command,
     run_pool,
-    show_progress,
     warn_other_targets,
     warn_unforeseen,
+    write_json,
 )
 from runner.errors import (
     EXIT_API_STOPPED,
@@ -104,6 +103,10 @@ class RunConfig:
     wait: bool = False
     out: str | None = None
     timing: PollTiming = field(default_factory=PollTiming)
+    #: ``--fail-on-held``: jobs held back by --max-jobs or --budget make the exit code 1.
+    fail_on_held: bool = False
+    #: Hears the summary once it is built (the --healthcheck-url ping sends it).
+    on_summary: Callable[[Mapping[str, object]], None] | None = None
 
 
 def _recorded_base_url(config: RunConfig) -> str:
@@ -209,7 +212,7 @@ async def run(config: RunConfig, console: Console) -> int:
             base_url, key = await connect(astack, mock=config.mock, config_key=config.api_key,
                                           base_url=config.base_url, console=console)
             client = await astack.enter_async_context(
-                Client(base_url, key, pool=config.concurrency,
+                Client(base_url, key, pool=min(config.concurrency, max(1, len(jobs))),
                        timeouts=Timeouts(submit=config.timeout))
             )
             if selected and config.check_balance:
@@ -366,18 +369,27 @@ async def _submit_all(
                           policy=config.policy, stop=halt,
                           retry_ambiguous=config.retry_ambiguous)
     halting = Halt(config.halt_after, halt) if config.halt_after is not None else None
-    if halting is not None:
-        ledgers.on_row = halting.on_row
     media = None
     if out is not None:
         # A --mock rerun serves earlier runs' video links from this process's emulator.
         media = Media(client, ledgers, config, stop, limiter, out=out,
                       base_url=_recorded_base_url(config),
                       origin=client.base_url if config.mock else None,
-                      on_error=partial(warn_unforeseen, console))
+                      on_error=partial(warn_unforeseen, console), jobs=len(every))
     started = time.monotonic()
     done = 0
-    console.start_progress(len(jobs), "submitting")
+    # One display for every phase: each of the manifests' jobs, by its latest ledger row.
+    tally = Tally({job_id: ledgers.latest.get(job_id, {}).get("status", "") for job_id in every},
+                  open_phases=("queued",) if out is None else OPEN_WITH_WAIT)
+
+    def on_row(job_id: str, status: str) -> None:
+        if halting is not None:
+            halting.on_row(job_id, status)
+        if tally.move(job_id, status):
+            console.progress()
+
+    ledgers.on_row = on_row
+    console.start_progress(tally)
 
     deadline = config.timing.deadline
 
@@ -392,7 +404,6 @@ async def _submit_all(
         if not await submitter(job):
             return  # the run stopped while it waited for its turn: not sent, no row
         done += 1
-        console.progress(done, len(jobs), submitter.counts)
         row = ledgers.latest.get(job.job_id, {})
         if media is not None and row.get("status") == "submitted":
             media.poller.add(job.job_id, row["task_id"])
@@ -401,8 +412,6 @@ async def _submit_all(
         await run_pool(jobs, work, workers=config.concurrency, stop=halt)
         if media is not None:
             media.poller.close()
-            console.end_progress()
-            show_progress(media, console)
 
     async def relay() -> None:
         await stop.wait()  # whatever stops the run stops submission too
@@ -494,7 +503,7 @@ def _finish(
     states = Counter(ledgers.latest.get(job.job_id, {}).get("status", "not sent") for job in jobs)
     unknown = sorted({j.job_id for j in jobs
                       if ledgers.latest.get(j.job_id, {}).get("status") == "unknown"})
-    code = _exit_code(outcome, states, wait=config.wait)
+    code = _exit_code(outcome, states, wait=config.wait, fail_on_held=config.fail_on_held)
     summary = {
         "exit_code": code,
         "jobs": outcome.total,
@@ -502,13 +511,11 @@ def _finish(
         "ledger_states": dict(states),
         "changed": [d.job.job_id for d in outcome.changed],
         "unknown": unknown,
-        "needs_action": [
-            {"job_id": job.job_id, "status": row["status"], "reason": row.get("error") or None,
-             "manifest": job.manifest, "line": job.line}
-            for job in jobs
-            if (row := ledgers.latest.get(job.job_id)) is not None
-            and row.get("status") in NEEDS_ACTION
-        ],
+        "needs_action": needs_action(
+            [{**row, "manifest": job.manifest} for job in jobs
+             if (row := ledgers.latest.get(job.job_id)) is not None],
+            {job.job_id: job.line for job in jobs},
+        ),
         "held_by_max_jobs": outcome.held_by_max_jobs,
         "held_by_budget": outcome.held_by_budget,
         "held_by_deadline": outcome.held_by_deadline,
@@ -525,18 +532,24 @@ def _finish(
     }
     _print_summary(summary, outcome, ledgers, jobs, config, console)
     if config.summary_json:
-        _write_json(config.summary_json, summary, console)
+        write_json(config.summary_json, summary, console)
+    if config.on_summary is not None:
+        config.on_summary(summary)
     return code
 
 
-def _exit_code(outcome: Outcome, states: Mapping[str, int], *, wait: bool) -> int:
+def _exit_code(outcome: Outcome, states: Mapping[str, int], *, wait: bool,
+               fail_on_held: bool) -> int:
     if outcome.signal is not None:
         return EXIT_SIGTERM if outcome.signal == signal.SIGTERM else EXIT_SIGINT
     if outcome.fatal:
         return EXIT_API_STOPPED
     # With --wait, the run promised videos on disk: anything short of that needs a rerun.
     unfinished = (POLLABLE_STATES | {"completed"}) if wait else frozenset()
-    held = outcome.held_by_budget or outcome.held_by_deadline
+    # Held back on purpose (a cron trickle, a spending cap) is fine unless asked otherwise;
+    # the deadline is not a choice of how much to send, so what it left is unfinished.
+    held = outcome.held_by_deadline or (
+        fail_on_held and (outcome.held_by_budget or outcome.held_by_max_jobs))
     if held or outcome.halted or outcome.changed or outcome.other_target or any(
         states.get(s) for s in NEEDS_ACTION | unfinished
     ):
@@ -623,13 +636,3 @@ def resubmit_command(config: RunConfig) -> str:
     """The command that resends this run's 'unknown' jobs: same manifests, ledger and target."""
     return rerun_command(config.manifests, "--resubmit-unknown", ledger=config.ledger,
                          mock=config.mock, base_url=config.base_url)
-
-
-def _write_json(path: str, data: Mapping[str, object], console: Console) -> None:
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.replace(path)
-    except OSError as exc:
-        # The run is over and recorded: a summary file that cannot be written is a warning.
-        console.warn(f"--summary-json {path}: cannot write the summary ({exc.strerror})")

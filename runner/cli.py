@@ -25,6 +25,7 @@ from runner.app import run as run_jobs
 from runner.console import Console
 from runner.engine import LedgerConfig, PollTiming, decide, run_download, run_status
 from runner.errors import ApiError, LedgerError, ManifestError, RunnerError, UsageError
+from runner.healthcheck import Summary, pinged
 from runner.ledger import ledger_is_mock, ledger_path, read_latest
 from runner.manifest import (
     bundled_schema,
@@ -42,11 +43,12 @@ EDITOR_SCHEMA = "manifest.editor.schema.json"
 
 EXIT_CODES = """\
 exit codes:
-  0    every job submitted or already done (jobs held back by --max-jobs are fine)
-  1    some jobs need action: rejected, error, unknown, changed, failed, cancelled,
-       not_found or expired; a model the API does not serve; stopped at --budget or
-       halted (--halt-after); tasks of another API left alone; or (with --wait, and
-       for download) videos not on disk yet
+  0    every job submitted or already done (jobs held back by --max-jobs or
+       --budget are fine, unless --fail-on-held)
+  1    some jobs need action: rejected, error, unknown, changed, failed,
+       cancelled, not_found or expired; a model the API does not serve; halted
+       (--halt-after); jobs not started before --deadline; tasks of another API
+       left alone; or (with --wait, and for download) videos not on disk yet
   2    invalid usage, manifest or ledger: nothing was sent (or, if the ledger
        became unwritable mid-run, nothing more; the message names any task id)
   3    stopped by the API: key, permission or balance (or the balance check)
@@ -179,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="submit at most N new jobs this run")
     p.add_argument("--budget", type=_money, metavar="USD",
                    help="estimated USD this run may spend at most")
+    p.add_argument("--fail-on-held", action="store_true",
+                   help="exit 1 when --max-jobs or --budget held jobs back (default: exit 0, "
+                        "as for a cron trickle)")
     p.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S",
                    help="seconds to wait for one submission's answer (default 60)")
     p.add_argument("--max-attempts", type=_positive_int, default=5, metavar="N",
@@ -203,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_price_flag(p)
     _add_target_flags(p)
     _add_output_flags(p)
-    p.add_argument("--summary-json", metavar="PATH", help="also write the summary as JSON")
+    _add_summary_flags(p)
     p.add_argument("--wait", action="store_true",
                    help="also poll every task to the end and download the videos (to --out)")
     _add_media_flags(p)
@@ -217,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_media_flags(p, out=False)
     _add_target_flags(p, mock=False)
     _add_output_flags(p)
+    _add_summary_flags(p)
     p.set_defaults(func=cmd_status)
 
     p = command("download", "Download every completed video of a ledger not yet on disk.")
@@ -226,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_media_flags(p, poll=False)
     _add_target_flags(p, mock=False, key_use="optional: asks expired tasks for a fresh link")
     _add_output_flags(p)
+    _add_summary_flags(p)
     p.set_defaults(func=cmd_download)
 
     p = command("report", "Summarise a ledger: one row per job, totals, costs, next steps.")
@@ -311,6 +318,24 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="print only problems")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="stderr lines as text or JSON objects (default text)")
+
+
+def _add_summary_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--summary-json", metavar="PATH",
+                   help="also write the summary as JSON (needs_action lists every job to act "
+                        "on, with its status and reason)")
+    p.add_argument("--healthcheck-url", metavar="URL", type=_http_url,
+                   help="ping URL/start at the beginning and URL/<exit code> with the summary "
+                        "at the end (healthchecks.io style; never the key; a failed ping only "
+                        "warns)")
+
+
+def _summary_path(args: argparse.Namespace) -> str | None:
+    """--summary-json, checked before anything is sent: a summary must have somewhere to go."""
+    if args.summary_json and not Path(args.summary_json).absolute().parent.is_dir():
+        msg = f"--summary-json {args.summary_json}: the folder does not exist"
+        raise UsageError(msg)
+    return str(args.summary_json) if args.summary_json else None
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -422,9 +447,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """``run``: submit what is not done yet."""
     console = Console(quiet=args.quiet, json_lines=args.log_format == "json")
-    if args.summary_json and not Path(args.summary_json).absolute().parent.is_dir():
-        msg = f"--summary-json {args.summary_json}: the folder does not exist"
-        raise UsageError(msg)
+    return pinged(args.healthcheck_url, console, lambda keep: _run(args, console, keep))
+
+
+def _run(args: argparse.Namespace, console: Console, keep: Summary | None) -> int:
     config = RunConfig(
         manifests=tuple(args.manifests),
         api_key=None if args.mock else _api_key(args, console),
@@ -442,13 +468,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_balance=not args.no_balance_check,
         mock=args.mock,
         base_url=_base_url(args.base_url),
-        summary_json=args.summary_json,
+        summary_json=_summary_path(args),
         prices=_prices(args.price),
         allow_unknown_models=args.allow_unknown_model,
         policy=RetryPolicy(attempts=args.max_attempts),
         wait=args.wait,
         out=args.out,
         timing=_timing(args, mock=args.mock),
+        fail_on_held=args.fail_on_held,
+        on_summary=keep,
     )
     code = asyncio.run(run_jobs(config, console))
     if args.wait:
@@ -476,7 +504,8 @@ def _review_page(args: argparse.Namespace, ledgers: Sequence[str], console: Cons
             print(f"review page: {page}")
 
 
-def _ledger_config(args: argparse.Namespace, console: Console) -> LedgerConfig:
+def _ledger_config(args: argparse.Namespace, console: Console,
+                   keep: Summary | None = None) -> LedgerConfig:
     # A --mock ledger needs no key: its tasks live in the built-in emulator. Downloads need
     # none either (video links are signed URLs, fetched without an Authorization header),
     # but with one, an expired link can be asked for again.
@@ -491,23 +520,27 @@ def _ledger_config(args: argparse.Namespace, console: Console) -> LedgerConfig:
         timing=_timing(args, mock=mock) if polls else PollTiming(),
         out=getattr(args, "out", "videos"),
         wait=getattr(args, "wait", False),
+        summary_json=_summary_path(args),
+        on_summary=keep,
     )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """``status``: poll a ledger's unfinished tasks."""
     console = Console(quiet=args.quiet, json_lines=args.log_format == "json")
-    config = _ledger_config(args, console)
-    return asyncio.run(run_status(config, console))
+    return pinged(args.healthcheck_url, console, lambda keep: asyncio.run(
+        run_status(_ledger_config(args, console, keep), console)))
 
 
 def cmd_download(args: argparse.Namespace) -> int:
     """``download``: fetch completed videos."""
     console = Console(quiet=args.quiet, json_lines=args.log_format == "json")
-    config = _ledger_config(args, console)
-    code = asyncio.run(run_download(config, console))
-    _review_page(args, [args.ledger], console)
-    return code
+    def download(keep: Summary | None) -> int:
+        code = asyncio.run(run_download(_ledger_config(args, console, keep), console))
+        _review_page(args, [args.ledger], console)
+        return code
+
+    return pinged(args.healthcheck_url, console, download)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -582,6 +615,13 @@ def _base_url(url: str) -> str:
         msg = f"--base-url: '{url}' is not an http(s) URL, e.g. {DEFAULT_BASE_URL}"
         raise UsageError(msg)
     return url.rstrip("/").removesuffix("/v1")
+
+
+def _http_url(text: str) -> str:
+    if not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", text):
+        msg = f"must be an http(s) URL, e.g. https://hc-ping.com/UUID, got '{text}'"
+        raise argparse.ArgumentTypeError(msg)
+    return text
 
 
 def _prices(values: Sequence[str]) -> dict[str, float]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from typing import Never, TextIO
 
 from tqdm import tqdm
@@ -43,6 +44,9 @@ class Console:
         self._clock = clock
         self._bar: tqdm[Never] | None = None
         self._last_line = 0.0
+        self._last_refresh = 0.0
+        self._tally: Tally | None = None
+        self._shown: tuple[int, ...] | None = None
         self.problems = 0
 
     def info(self, msg: str, **fields: object) -> None:
@@ -70,30 +74,112 @@ class Console:
         else:
             print(line, file=self.stream, flush=True)
 
-    def start_progress(self, total: int, what: str) -> None:
-        """Begin showing progress towards ``total`` items."""
-        self._last_line = self._clock()
+    def start_progress(self, tally: Tally) -> None:
+        """Begin showing ``tally``; ``progress`` shows it again after each change."""
+        self._tally = tally
+        self._shown = self._snapshot(tally)
+        self._last_line = self._last_refresh = self._clock()
         if not self.quiet and not self.json_lines and self.stream.isatty():
-            self._bar = tqdm(total=total, desc=what, unit="job", file=self.stream, leave=False)
+            # A fixed bar and short counts: at 80 columns the bar keeps its 10 cells.
+            self._bar = tqdm(total=tally.total, initial=tally.done, desc=self._short(),
+                             file=self.stream, leave=False, bar_format=BAR_FORMAT)
 
-    def progress(self, done: int, total: int, counts: Mapping[str, int]) -> None:
-        """Report that ``done`` of ``total`` items are finished."""
-        detail = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()) if n)
-        if self._bar is not None:
-            self._bar.n = done
-            self._bar.set_postfix_str(detail, refresh=True)
+    def progress(self, *, force: bool = False) -> None:
+        """Show the tally again if it changed: the bar at most 10 times a second, the
+        plain line (no terminal) at most every ``interval`` seconds."""
+        tally = self._tally
+        if tally is None or self.quiet:
+            return
+        snapshot = self._snapshot(tally)
+        if snapshot == self._shown:
             return
         now = self._clock()
-        if self.quiet or now - self._last_line < self.interval:
+        if self._bar is not None:
+            if force or now - self._last_refresh >= _REFRESH:
+                self._shown, self._last_refresh = snapshot, now
+                self._bar.n = tally.done
+                self._bar.set_description_str(self._short(), refresh=True)
             return
-        self._last_line = now
+        if now - self._last_line < self.interval:
+            return
+        self._shown, self._last_line = snapshot, now
         if self.json_lines:
-            self._emit("info", "progress", {"done": done, "total": total, **counts})
+            self._emit("info", "progress", {"done": tally.done, "total": tally.total,
+                                            **{p: tally.counts[p] for p in PHASES}})
         else:
-            self._emit("info", f"progress: {done}/{total} ({detail or 'starting'})", {})
+            detail = ", ".join(f"{tally.counts[p]} {p}" for p in PHASES if tally.counts[p])
+            self._emit("info", f"progress: {tally.done}/{tally.total} done ({detail})", {})
+
+    @staticmethod
+    def _snapshot(tally: Tally) -> tuple[int, ...]:
+        return (tally.done, *(tally.counts[p] for p in PHASES))
+
+    def _short(self) -> str:
+        tally = self._tally
+        assert tally is not None
+        return " ".join(f"{_SHORT[p]}:{tally.counts[p]}" for p in PHASES if tally.counts[p])
 
     def end_progress(self) -> None:
-        """Remove the bar (the summary follows on stdout)."""
+        """Show the last counts, then remove the bar (the summary follows on stdout)."""
+        if self._bar is not None:
+            self.progress(force=True)
+        self._tally = None
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+#: Where a ledger status stands in the progress display (no row yet: ``queued``, as a
+#: job being submitted is); every other status is a job that ended badly: ``failed``.
+_PHASE_OF = {"": "queued", "submitting": "queued", "submitted": "submitted",
+             "pending": "running", "processing": "running", "completed": "completed",
+             "downloaded": "downloaded"}
+#: The phases, in the pipeline's order; each job is in exactly one.
+PHASES = ("queued", "submitted", "running", "completed", "downloaded", "failed")
+#: The phases ``run --wait`` and ``status --wait`` are not done with (a video to come).
+OPEN_WITH_WAIT = ("queued", "submitted", "running", "completed")
+#: How the bar names them, to fit 80 columns.
+_SHORT = {"queued": "q", "submitted": "sub", "running": "run", "completed": "ok",
+          "downloaded": "dl", "failed": "fail"}
+#: Fixed-width bar, then done/total and the counts: nothing squeezes the bar.
+BAR_FORMAT = "{percentage:3.0f}%|{bar:10}| {n}/{total} {desc}"
+#: Seconds between two refreshes of the bar.
+_REFRESH = 0.1
+
+
+def phase_of(status: str) -> str:
+    """The progress phase of a job whose latest ledger status is ``status``."""
+    return _PHASE_OF.get(status, "failed")
+
+
+class Tally:
+    """Where each job of one command stands, by phase; the counts always add up to ``total``.
+
+    Args:
+        statuses: every job of the command and its latest status ("" if none yet).
+        open_phases: phases whose jobs this command has not finished with; ``done`` counts
+            the others (e.g. ``run`` alone is done with a job once it is submitted).
+    """
+
+    def __init__(self, statuses: Mapping[str, str], *, open_phases: Iterable[str]) -> None:
+        self._phase = {job: phase_of(status) for job, status in statuses.items()}
+        self.counts: Counter[str] = Counter(self._phase.values())
+        self.total = len(self._phase)
+        self._open = frozenset(open_phases)
+
+    def move(self, job_id: str, status: str) -> bool:
+        """Record a job's new status; False if the job is not one of this command's."""
+        old = self._phase.get(job_id)
+        if old is None:
+            return False
+        new = phase_of(status)
+        if new != old:
+            self.counts[old] -= 1
+            self.counts[new] += 1
+            self._phase[job_id] = new
+        return True
+
+    @property
+    def done(self) -> int:
+        """Jobs this command is finished with."""
+        return self.total - sum(self.counts[p] for p in self._open)

@@ -453,22 +453,32 @@ async def test_max_jobs_holds_back_the_rest_without_failing(emulator, tmp_path):
 
 
 async def test_budget_refuses_to_start(emulator, tmp_path):
-    """A --budget below the first job's estimate sends nothing and exits 1, saying so."""
+    """A --budget below the first job's estimate sends nothing and exits 0, saying so."""
     srv = await emulator()
     result = await run_batch(srv, write_manifest(tmp_path, lake(3)), budget=JOB_COST - 0.01)
-    assert (result.code, submits(srv), result.rows) == (1, 0, {})
+    assert (result.code, submits(srv), result.rows) == (0, 0, {})
     assert result.summary["held_by_budget"] == 3
     assert "refusing to start; 3 jobs held back" in result.err
 
 
 async def test_budget_stops_before_the_job_that_would_exceed_it(emulator, tmp_path):
-    """--budget 1.00 at $0.32 a job sends three jobs, holds two, exits 1, saying so."""
+    """--budget 1.00 at $0.32 a job sends three jobs, holds two, exits 0, saying so."""
     srv = await emulator()
     result = await run_batch(srv, write_manifest(tmp_path, lake(5)), budget=1.0)
-    assert (result.code, submits(srv)) == (1, 3)
+    assert (result.code, submits(srv)) == (0, 3)
     assert sorted(result.statuses) == ["job-0", "job-1", "job-2"]
     assert result.summary["held_by_budget"] == 2
     assert "job 'job-3' would bring the estimated spend to $1.28; stopping before it" in result.err
+
+
+@pytest.mark.parametrize("cap", [{"budget": 0.7}, {"max_jobs": 2}], ids=["budget", "max-jobs"])
+async def test_fail_on_held_makes_a_held_run_exit_1(emulator, tmp_path, cap):
+    """Held back by --budget or --max-jobs: exit 0 by default, 1 with --fail-on-held."""
+    srv = await emulator()
+    manifest = write_manifest(tmp_path, lake(6))
+    assert (await run_batch(srv, manifest, **cap)).code == 0
+    strict = await run_batch(srv, manifest, fail_on_held=True, **cap)
+    assert strict.code == 1 and submits(srv) == 4
 
 
 async def test_crash_left_submitting_becomes_unknown(emulator, tmp_path):

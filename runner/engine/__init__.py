@@ -14,14 +14,15 @@ from runner.engine.lifecycle import (
     LedgerConfig,
     Media,
     default_out,
+    needs_action,
     prepare_out,
     regenerate_hint,
     rerun_command,
     run_download,
     run_status,
-    show_progress,
     warn_other_targets,
     warn_unforeseen,
+    write_json,
 )
 from runner.engine.poll import NO_VIDEO_STATES, POLLABLE_STATES, PollTiming
 from runner.engine.resume import REGENERABLE, Decision, decide, recorded_take
@@ -46,6 +47,7 @@ __all__ = [
     "expires_ts",
     "interrupts",
     "merged_error",
+    "needs_action",
     "needs_download",
     "prepare_out",
     "recorded_take",
@@ -54,7 +56,7 @@ __all__ = [
     "run_download",
     "run_pool",
     "run_status",
-    "show_progress",
     "warn_other_targets",
     "warn_unforeseen",
+    "write_json",
 ]

@@ -15,6 +15,7 @@ cut, and the tasks left are counted in ``poller.waiting`` (the summary's "still 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import signal
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Protocol
 
 from runner.api import DEFAULT_BASE_URL, Client, RetryPolicy, Secret
-from runner.console import Console
+from runner.console import Console, Tally
 from runner.engine.download import Downloader, expires_ts
 from runner.engine.poll import NO_VIDEO_STATES, POLLABLE_STATES, Poller, PollTiming
 from runner.engine.resume import REGENERABLE
@@ -94,8 +95,12 @@ class Media:
         on_error: Callable[[str, Exception], None] | None = None,
         refresh: bool = True,
         verify: bool = False,
+        jobs: int | None = None,
     ) -> None:
-        self.workers = config.concurrency
+        # Never more workers than jobs (``jobs``: how many this command may touch): a large
+        # -j costs nothing up front.
+        self.workers = max(1, min(config.concurrency, jobs if jobs is not None
+                                  else config.concurrency))
         self._queue = asyncio.PriorityQueue()
         self._poll = poll
         self._base_url = base_url.rstrip("/")
@@ -185,6 +190,10 @@ class LedgerConfig:
     timing: PollTiming = field(default_factory=PollTiming)
     out: str | None = None
     wait: bool = False
+    #: ``--summary-json PATH``: also write the summary there.
+    summary_json: str | None = None
+    #: Hears the summary once it is built (the --healthcheck-url ping sends it).
+    on_summary: Callable[[Mapping[str, object]], None] | None = None
 
 
 async def run_status(config: LedgerConfig, console: Console) -> int:
@@ -207,17 +216,21 @@ async def _on_ledger(config: LedgerConfig, console: Console, *, poll: bool, down
         async with AsyncExitStack() as stack:
             base_url, key = await connect(stack, mock=mock, config_key=config.api_key,
                                           base_url=config.base_url, console=console)
-            client = await stack.enter_async_context(Client(base_url, key, pool=config.concurrency))
-            media = Media(client, ledger, config, stop, Limiter(config.concurrency),
-                          base_url=target, out=out, poll=poll, repeat=config.wait,
-                          origin=base_url if mock else None,
+            pool = min(config.concurrency, max(1, len(ledger.latest)))
+            client = await stack.enter_async_context(Client(base_url, key, pool=pool))
+            tally = Tally({job: row.get("status", "") for job, row in ledger.latest.items()},
+                          open_phases=("queued", "submitted", "running") if poll
+                          else ("completed",))
+            media = Media(client, Watched(ledger, tally, console), config, stop,
+                          Limiter(config.concurrency), base_url=target, out=out, poll=poll,
+                          repeat=config.wait, origin=base_url if mock else None,
                           on_error=partial(warn_unforeseen, console),
-                          refresh=mock or bool(key.reveal()), verify=download)
+                          refresh=mock or bool(key.reveal()), verify=download,
+                          jobs=len(ledger.latest))
             skipped = media.resume(list(ledger.latest))
             warn_other_targets(skipped, target, console, "polled" if poll else "downloaded")
             media.poller.close()  # nothing else will be added: the pollers end when it drains
-            if poll and config.wait:
-                show_progress(media, console)
+            console.start_progress(tally)
             try:
                 async with interrupts(stop) as caught, asyncio.TaskGroup() as group:
                     syncing = group.create_task(keep_synced([ledger]))
@@ -238,19 +251,57 @@ async def _on_ledger(config: LedgerConfig, console: Console, *, poll: bool, down
     hint = regenerate_hint(rows, ledger=config.ledger, mock=mock, base_url=config.base_url)
     if hint:
         console.warn(hint)
-    if caught:
-        return EXIT_SIGTERM if caught[0] == signal.SIGTERM else EXIT_SIGINT
     if media.fatal() is not None:
         console.error(str(media.fatal()))
-        return EXIT_API_STOPPED
-    if skipped:
-        return EXIT_JOBS_FAILED
     # The same rule as 'run': a job that needs action, or (download, status --wait) a
     # video that is not on disk or a task not finished yet, is exit 1.
     bad = NEEDS_ACTION | ({"completed"} if download else set())
     if config.wait and poll:
         bad |= POLLABLE_STATES
-    return EXIT_JOBS_FAILED if any(states.get(s) for s in bad) else EXIT_OK
+    if caught:
+        code = EXIT_SIGTERM if caught[0] == signal.SIGTERM else EXIT_SIGINT
+    elif media.fatal() is not None:
+        code = EXIT_API_STOPPED
+    elif skipped or any(states.get(s) for s in bad):
+        code = EXIT_JOBS_FAILED
+    else:
+        code = EXIT_OK
+    document = {
+        "exit_code": code,
+        "ledger": config.ledger,
+        "jobs": len(rows),
+        "this_run": dict(counts),
+        "ledger_states": dict(states),
+        "needs_action": needs_action(rows),
+        "other_target": skipped.total(),
+        "mock": mock,
+    }
+    if config.summary_json:
+        write_json(config.summary_json, document, console)
+    if config.on_summary is not None:
+        config.on_summary(document)
+    return code
+
+
+def needs_action(rows: Iterable[Mapping[str, str]],
+                 lines: Mapping[str, int] | None = None) -> list[dict[str, object]]:
+    """``--summary-json``'s ``needs_action``: each job in a state a person must act on,
+    with its status, reason, manifest and manifest line (None when unknown)."""
+    return [{"job_id": row["job_id"], "status": row["status"],
+             "reason": row.get("error") or None, "manifest": row.get("manifest") or None,
+             "line": (lines or {}).get(row["job_id"])}
+            for row in rows if row.get("status") in NEEDS_ACTION]
+
+
+def write_json(path: str, data: Mapping[str, object], console: Console) -> None:
+    """Write ``data`` to ``path`` as JSON, atomically; a failure only warns (``--summary-json``:
+    the command is over and recorded by then)."""
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        console.warn(f"--summary-json {path}: cannot write the summary ({exc.strerror})")
 
 
 def rerun_command(manifests: Iterable[str], flag: str, *, ledger: str | None, mock: bool,
@@ -282,19 +333,22 @@ def regenerate_hint(rows: Iterable[Mapping[str, str]], *, ledger: str | None, mo
             f"  hint: to buy them again (a new purchase each, a new take): {command}")
 
 
-def show_progress(media: Media, console: Console) -> None:
-    """Show completed/failed/running after every poll (a bar on a terminal, else rare lines)."""
-    poller = media.poller
-    total = poller.waiting
+class Watched:
+    """A ledger whose appended rows also move a progress ``Tally`` (and refresh the display)."""
 
-    def update() -> None:
-        failed = sum(poller.counts[s] for s in NO_VIDEO_STATES)
-        counts = {"completed": poller.counts["completed"], "failed": failed,
-                  "running": poller.waiting}
-        console.progress(total - poller.waiting, total, counts)
+    def __init__(self, ledger: Recorder, tally: Tally, console: Console) -> None:
+        self._ledger, self._tally, self._console = ledger, tally, console
 
-    poller.on_polled = update
-    console.start_progress(total, "polling")
+    @property
+    def latest(self) -> Mapping[str, Mapping[str, str]]:
+        """The wrapped ledger's latest rows."""
+        return self._ledger.latest
+
+    def append(self, job_id: str, **fields: object) -> None:
+        """Append to the wrapped ledger, then show the job's new phase."""
+        self._ledger.append(job_id, **fields)
+        if self._tally.move(job_id, self._ledger.latest[job_id].get("status", "")):
+            self._console.progress()
 
 
 def warn_unforeseen(console: Console, job_id: str, exc: Exception) -> None:

@@ -18,7 +18,7 @@ import math
 import time
 import traceback
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sized
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -265,6 +265,8 @@ async def run_pool(
     items in flight finish, then the first such exception is raised. Cancellation is
     never caught.
     """
+    if isinstance(items, Sized):
+        workers = min(workers, max(1, len(items)))  # a large -j costs nothing up front
     iterator = iter(items)
     failures: list[Exception] = []
 
