@@ -85,7 +85,7 @@ COLUMNS: Final = (
     "idempotency_key", "fingerprint", "model", "duration", "resolution", "aspect_ratio",
     "image_url", "image_file", "image_sha256", "uploaded_at", "prompt", "manifest",
     "base_url", "mock", "progress", "video_url", "expires_at", "thumbnail_url", "cost",
-    "file", "bytes", "request", "take", "file_sha256", "crc",
+    "file", "bytes", "request", "take", "file_sha256", "metadata", "crc",
 )  # fmt: skip
 
 #: Every status a row may hold, by the stage that writes it:
