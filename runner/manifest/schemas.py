@@ -126,7 +126,8 @@ _SYNONYMS = {
     "length": "this format calls it 'duration'",
     "n": "for several takes of one request, write 'repeat: N'",
     "count": "for several takes of one request, write 'repeat: N'",
-    "prompts": "for several prompts, write 'matrix: {prompt: [...]}'",
+    "prompts": "for several prompts, write 'matrix: {prompt: [...]}' "
+               "(or read them from a file: 'matrix: {prompt: {file: prompts.txt}}')",
     "images": "for several images, write 'matrix: {image: [...]}'",
 }
 _REQUIRED_HINTS = {
@@ -137,6 +138,8 @@ _REQUIRED_HINTS = {
     ),
     "model": "add 'model: ...' to this job or to defaults ('apimart-batch models' lists them)",
     "prompt": "add 'prompt: ...' to this job, or list prompts under 'matrix: {prompt: [...]}'",
+    "column": "name the CSV column that holds the prompts: {csv: products.csv, column: prompt}",
+    "csv": "a column is read from a CSV file: {csv: products.csv, column: prompt}",
 }
 
 
