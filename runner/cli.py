@@ -482,7 +482,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not Path(args.ledger).is_file():
         msg = f"{args.ledger}: no such ledger"
         raise LedgerError(msg)
-    built = report.build_report(args.ledger)
+    built = report.build_report(args.ledger, warn=Console(quiet=True).warn)
     render = {"table": report.render_table, "csv": report.render_csv, "json": report.render_json}
     print(render[args.format](built))
     return 0

@@ -10,7 +10,7 @@ import shutil
 import textwrap
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,10 +52,15 @@ class Report:
     unpriced: int = 0
 
 
-def build_report(ledger: str, *, now: float | None = None) -> Report:
-    """Read ``ledger`` (without locking it) and summarise it."""
+def build_report(
+    ledger: str, *, now: float | None = None, warn: Callable[[str], None] | None = None
+) -> Report:
+    """Read ``ledger`` (without locking it) and summarise it.
+
+    ``warn`` receives the ledger's harmless oddities (hand edits that change no decision).
+    """
     now = time.time() if now is None else now
-    rows = list(read_latest(ledger).values())
+    rows = list(read_latest(ledger, warn).values())
     totals = Counter(row.get("status", "") for row in rows)
     estimates = [_estimate(row) for row in rows if row.get("task_id")]
     estimated = sum(cost for cost in estimates if cost is not None)
