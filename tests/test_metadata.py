@@ -233,3 +233,15 @@ def test_an_older_ledger_gains_the_column_and_keeps_its_rows(tmp_path: Path) -> 
     assert any("added the columns metadata" in w for w in warnings)
     assert len(list(tmp_path.glob("old.csv.bak-*"))) == 1
     assert read_latest(path)["a"]["metadata"] == '{"sku":"x"}'
+
+
+@pytest.mark.parametrize("key", ["tags", "labels"])
+def test_a_tags_key_points_at_metadata(tmp_path: Path, key: str) -> None:
+    """A job field named like tags is refused with the hint to write metadata instead."""
+    path = tmp_path / "t.yaml"
+    path.write_text(f"version: 1\ndefaults: {{model: sora-2}}\njobs:\n  - prompt: A cat\n"
+                    f"    {key}: {{sku: x}}\n", encoding="utf-8")
+    with pytest.raises(ManifestError) as info:
+        load_manifests([str(path)])
+    assert f"{path}:5:5: jobs[0].{key}: unknown key '{key}'" in str(info.value)
+    assert "hint: for your own tags, write 'metadata: {key: value}'" in str(info.value)

@@ -7,6 +7,7 @@ move, and every problem is named at its file and line plus the manifest line rea
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -180,6 +181,13 @@ def test_a_bad_source_is_named_at_the_manifest_line(
     text = str(refused(path))
     assert text.startswith(f"{path}:7:"), text
     assert message in text
+
+
+def test_a_fifo_is_refused_without_reading_it(tmp_path: Path) -> None:
+    """A named pipe would block the load forever: refused at the manifest's line."""
+    os.mkfifo(tmp_path / "p.txt")
+    text = str(refused(write(tmp_path, TXT, {})))
+    assert "is not a regular file" in text
 
 
 def test_an_unreadable_file_says_where_paths_start(tmp_path: Path) -> None:

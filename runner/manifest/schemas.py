@@ -129,6 +129,8 @@ _SYNONYMS = {
     "prompts": "for several prompts, write 'matrix: {prompt: [...]}' "
                "(or read them from a file: 'matrix: {prompt: {file: prompts.txt}}')",
     "images": "for several images, write 'matrix: {image: [...]}'",
+    "tags": "for your own tags, write 'metadata: {key: value}' (kept in the ledger, never sent)",
+    "labels": "for your own tags, write 'metadata: {key: value}' (kept in the ledger, never sent)",
 }
 _REQUIRED_HINTS = {
     "version": "add 'version: 1' as the first line",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,15 +48,11 @@ def read_sources(entries: list[Any], folder: Path, reporter: Reporter) -> list[A
 def _read(
     spec: dict[str, Any], folder: Path, axis: DocPath, reporter: Reporter
 ) -> list[str] | None:
-    """The prompts of one well-formed source (None when it cannot be read; reported)."""
-    name, column = spec.get("file"), spec.get("column")
-    if "csv" in spec:
-        name = spec.get("csv")
-    if not isinstance(name, str) or not name.strip() or len(spec) != (2 if "csv" in spec else 1):
+    """The prompts of one source (None when it cannot be used; reported)."""
+    form = _form(spec)
+    if form is None:
         return None  # the schema says what is wrong with the mapping
-    if "csv" in spec and not isinstance(column, str):
-        return None
-    key = "csv" if "csv" in spec else "file"
+    key, name, column = form
     path = folder / name
     shown = str(path)
     ref = locate(reporter.doc, axis)[1]
@@ -63,7 +60,7 @@ def _read(
     text = _text(path, shown, (*axis, key), source, reporter)
     if text is None:
         return None
-    found = _csv_lines(text, column, source, reporter) if isinstance(column, str) else _lines(text)
+    found = _csv_lines(text, column, source, reporter) if column else _lines(text)
     prompts: list[str] = []
     lines: list[int] = []
     first: dict[str, int] = {}
@@ -96,12 +93,27 @@ def _read(
     return prompts
 
 
+def _form(spec: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(``file`` or ``csv``, the file's name, the CSV column or '') of a well-formed source."""
+    key = "csv" if "csv" in spec else "file"
+    name, column = spec.get(key), spec.get("column", "") if key == "csv" else ""
+    if len(spec) != (2 if key == "csv" else 1) or not isinstance(name, str) or not name.strip():
+        return None
+    if not isinstance(column, str) or (key == "csv" and not column.strip()):
+        return None
+    return key, name, column.strip()
+
+
 def _text(
     path: Path, shown: str, where: DocPath, source: Source, reporter: Reporter
 ) -> str | None:
     """The file's text, or None (reported at the manifest's reference, or at the bad line)."""
     hint = f"the path is relative to the manifest's folder ({path.parent})"
     try:
+        if not stat.S_ISREG(path.stat().st_mode) and not path.is_dir():
+            # Reading a FIFO or a device would block or never end.
+            reporter.at(where, f"the prompt file {shown} is not a regular file", hint)
+            return None
         with path.open("rb") as stream:
             raw = stream.read(MAX_SOURCE_BYTES + 1)
     except OSError as exc:
