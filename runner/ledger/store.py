@@ -146,9 +146,9 @@ _ODDITIES: Final = {
     "edited": ("a row changed since apimart-batch wrote it (its crc no longer matches its "
                "cells); it is read as it is now", "rows"),
     "blank": ("a blank line; it is skipped", "blank lines"),
-    "spaces": ("spaces around the value of column {column!r}; it is read as it is", "cells"),
+    "spaces": ("spaces around the value of column {column!r}; it is read as it is", "rows"),
     "metadata": ("a metadata cell that is not a JSON object of text values; its tags are not "
-                 "shown", "cells"),
+                 "shown", "rows"),
 }
 _SEPARATOR: Final = "\x1f"
 _REOPENS: Final = 10
