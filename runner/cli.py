@@ -555,7 +555,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.out:
         msg = "report: --out goes with --format html (the other formats print to stdout)"
         raise UsageError(msg)
-    built = report.build_report(args.ledger)
+    built = report.build_report(args.ledger, warn=Console(quiet=True).warn)
     render = {"table": report.render_table, "csv": report.render_csv, "json": report.render_json}
     print(render[args.format](built))
     return 0

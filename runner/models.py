@@ -21,6 +21,10 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
+#: No ``metadata`` tags (shared, read-only: most jobs have none).
+NO_TAGS: Mapping[str, str] = MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class Upload:
     """A local image a job sends: where it goes in the body, the file, its content hash."""
@@ -51,6 +55,9 @@ class Job:
             only its model and prompt were checked, and its price is unknown.
         take: which purchase of this job id this is: 1, then one more for each deliberate
             regeneration (``--retry-failed``, ``--resubmit-changed``); the ledger records it.
+        metadata: the user's tags (``metadata:`` of defaults and entry, merged): kept in
+            the ledger and reports, never sent, and not part of ``fingerprint`` or
+            ``idempotency_key``, so changing them never makes the job a changed one.
     """
 
     job_id: str
@@ -63,6 +70,7 @@ class Job:
     line: int = 0
     catalogued: bool = True
     take: int = 1
+    metadata: Mapping[str, str] = field(default_factory=lambda: NO_TAGS)
 
     @property
     def model(self) -> str:

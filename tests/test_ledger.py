@@ -340,7 +340,7 @@ def test_older_header_is_upgraded_keeping_rows_and_unknown_columns(path: Path) -
     assert (rows[-1]["status"], rows[-1]["task_id"]) == ("completed", "task_1")
     assert any("added the columns" in w for w in warnings)
     opened(path, warnings).close()
-    assert len(warnings) == 1
+    assert sum("added the columns" in w for w in warnings) == 1  # upgraded once
 
 
 def test_other_column_order_is_read_by_name(path: Path) -> None:

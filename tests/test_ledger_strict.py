@@ -135,6 +135,11 @@ REFUSED = [
     pytest.param(set_cell(3, "status", "Submitted"), 3, "status 'Submitted' is not",
                  id="capitalised-status"),
     pytest.param(set_cell(3, "status", ""), 3, "status '' is not", id="empty-status"),
+    pytest.param(set_cell(3, "status", " "), 3, "status ' ' is not", id="blank-status"),
+    pytest.param(set_cell(3, "status", "submitted "), 3, "remove the spaces around 'submitted'",
+                 id="status-with-a-space"),
+    pytest.param(set_cell(4, "job_id", "b "), 4, "job id 'b ' has spaces around it: a rerun",
+                 id="job-id-with-a-space"),
     pytest.param(set_cell(4, "job_id", ""), 4, "job id '' is not one", id="empty-job-id"),
     pytest.param(set_cell(5, "task_id", "task_b"), 5, "but no earlier row of the job has a task",
                  id="task-id-on-error-row"),
@@ -189,30 +194,120 @@ def test_a_ledger_that_does_not_look_like_ours_is_refused_untouched(
 
 
 def test_harmless_oddities_are_accepted_and_extra_columns_kept(path: Path) -> None:
-    """BOM, LF line ends, blank lines, every cell quoted and a column of our own all load."""
+    """BOM, LF line ends, blank lines, every cell quoted and a column of our own all load.
+
+    BOM, line ends and quoting pass silently; blank lines and the extra column warn once
+    each, at their first line.
+    """
     rows = records(healthy(path))
     rows[0].append("notes")
     for row in rows[1:]:
         row.append("mine")
     buffer = io.StringIO()
     csv.writer(buffer, quoting=csv.QUOTE_ALL, lineterminator="\n").writerows(rows)
-    text = buffer.getvalue().replace('\n"b"', '\n\n\r\n"b"', 1)
+    lines = buffer.getvalue().splitlines(keepends=True)
+    text = "".join([*lines[:3], "\n", "\r\n", *lines[3:]])  # blank lines 4 and 5
     path.write_bytes(b"\xef\xbb\xbf" + text.encode())
     warnings: list[str] = []
     with opened(path, warnings) as ledger:
         assert (ledger.latest["a"]["status"], ledger.latest["a"]["task_id"]) == (
             "completed", "task_a")
         ledger.append("b", status="submitting")
-    assert warnings == []
+    assert warnings == [
+        f"{path}:1: columns apimart-batch does not write: 'notes'; they are kept as they are",
+        f"{path}:4: a blank line; it is skipped (2 blank lines like this; this is the first)",
+    ]
     assert read_latest(path)["b"]["notes"] == "mine"
     assert records(path.read_bytes().removeprefix(b"\xef\xbb\xbf"))[0][-1] == "notes"
+
+
+def test_a_ledger_as_written_warns_of_nothing(path: Path) -> None:
+    """The runner's own rows (spreadsheet-escaped cells, tags, downloads) raise no warning."""
+    healthy(path)
+    with opened(path) as ledger:
+        ledger.append("a", status="downloaded", file="/v/a.mp4", bytes=4096, file_sha256="ab" * 32,
+                      metadata='{"sku":"=1+1"}', error="kept the old file aside")
+        ledger.append("c", status="submitting", prompt="-a cat", metadata="")
+    warnings: list[str] = []
+    opened(path, warnings).close()
+    read_latest(path, warnings.append)
+    assert warnings == []
+
+
+#: (an edit of the healthy ledger, the warning's line, its text, the count shown).
+ODDITIES = [
+    pytest.param(set_cell(5, "error", "the server was busy"), 5,
+                 "a row changed since apimart-batch wrote it (its crc no longer matches", None,
+                 id="edited-note"),
+    pytest.param(lambda d: set_cell(3, "attempts", "7")(set_cell(6, "progress", "99")(d)), 3,
+                 "a row changed since apimart-batch wrote it", 2, id="two-edited-rows"),
+    pytest.param(set_cell(6, "progress", "100 "), 6, "spaces around the value of column "
+                 "'progress'", None, id="trailing-space"),
+    pytest.param(set_cell(2, "model", " sora-2"), 2, "spaces around the value of column 'model'",
+                 None, id="leading-space"),
+    pytest.param(set_cell(6, "metadata", "[1, 2]"), 6, "a metadata cell that is not a JSON "
+                 "object", None, id="metadata-not-an-object"),
+    pytest.param(set_cell(6, "metadata", '{"sku": 12}'), 6, "a metadata cell that is not",
+                 None, id="metadata-number"),
+    pytest.param(insert(3, b"\r\n"), 3, "a blank line; it is skipped", None, id="blank-line"),
+    pytest.param(rename("cost", "price"), 1, "columns apimart-batch does not write: 'price'",
+                 None, id="unknown-column"),
+]
+
+
+@pytest.mark.parametrize(("edit", "line", "message", "count"), ODDITIES)
+def test_a_harmless_hand_edit_warns_once_naming_its_line(
+    path: Path, edit: Callable[[bytes], bytes], line: int, message: str, count: int | None
+) -> None:
+    """Opening and reading both warn, once per kind, at ``FILE:LINE``, and keep every row."""
+    path.write_bytes(edit(healthy(path)))
+    for read in ("open", "read"):
+        warnings: list[str] = []
+        if read == "open":
+            with opened(path, warnings) as ledger:
+                latest = dict(ledger.latest)
+        else:
+            latest = read_latest(path, warnings.append)
+        odd = [w for w in warnings if message in w]
+        assert len(odd) == 1, warnings
+        assert odd[0].startswith(f"{path}:{line}: ")
+        assert (f"({count} " in odd[0]) if count else "like this" not in odd[0]
+        assert latest["a"]["task_id"] == "task_a" and set(latest) == {"a", "b"}
+
+
+def test_report_refuses_a_made_up_status_naming_its_line(
+    path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``report`` never counts a status it does not know: exit 2, ``FILE:LINE``, no table."""
+    from runner.cli import main as cli_main
+
+    path.write_bytes(set_cell(6, "status", "done")(healthy(path)))
+    assert cli_main(["report", str(path)]) == EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert f"{path}:6: status 'done' is not a status apimart-batch writes" in err
+    assert out == ""
+
+
+def test_report_names_a_hand_edit_on_stderr(
+    path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``report`` prints the warning on stderr and the report as usual on stdout."""
+    from runner.cli import main as cli_main
+
+    path.write_bytes(set_cell(6, "progress", "99")(healthy(path)))
+    assert cli_main(["report", str(path), "--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    assert f"warning: {path}:6: a row changed since apimart-batch wrote it" in err
+    assert '"task_a"' in out
 
 
 def test_rows_changed_in_a_spreadsheet_are_judged_by_their_cells(path: Path) -> None:
     """Mid-file, a crc that no longer matches (an edited note) is no reason to refuse."""
     path.write_bytes(set_cell(5, "error", "the server was busy")(healthy(path)))
     assert read_latest(path)["b"]["error"] == "the server was busy"
-    opened(path).close()
+    warnings: list[str] = []
+    opened(path, warnings).close()
+    assert len(warnings) == 1 and "crc no longer matches" in warnings[0]
 
 
 def test_every_row_written_carries_its_crc(path: Path) -> None:
@@ -398,7 +493,7 @@ def test_an_upgrade_keeps_the_file_as_it_was(path: Path) -> None:
     opened(path, warnings).close()
     (kept,) = path.parent.glob("L.csv.bak-*")
     assert kept.read_bytes() == OLD
-    assert str(kept) in warnings[0]
+    assert any(str(kept) in warning for warning in warnings)
     assert records(path.read_bytes())[0] == [*COLUMNS, "legacy_note"]
 
 

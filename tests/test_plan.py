@@ -106,7 +106,7 @@ def test_plan_json_has_stable_keys_and_matches_the_text() -> None:
         "job_id", "manifest", "manifest_name", "line", "model", "prompt", "duration", "seconds",
         "resolution", "aspect_ratio", "image_url", "image_file", "image_sha256", "fingerprint",
         "estimated_usd", "skip", "request", "resolved", "uploads", "catalogued", "price_key",
-        "take",
+        "take", "metadata",
     }  # fmt: skip
     assert [j["skip"] for j in data["jobs"]] == [None, None, None, "done"]
     assert data["totals"]["jobs"] == 3

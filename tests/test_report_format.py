@@ -133,12 +133,12 @@ def test_cli_report_json_is_typed(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_csv_stays_text_with_take_and_file_sha256(tmp_path: Path) -> None:
-    """CSV keeps the ledger's text, adds take and file_sha256 before crc."""
+    """CSV keeps the ledger's text, adds take, file_sha256 and metadata before crc."""
     path = ledger(tmp_path, f"{T},007,downloaded,task_1,2,200,,sora-2,8,42,m.yaml,0,100,"
                             f"0.32,4096,,{SHA}")
     text = render_csv(build_report(path))
     header = text.splitlines()[0].split(",")
-    assert header[-3:] == ["take", "file_sha256", "crc"]
+    assert header[-4:] == ["take", "file_sha256", "metadata", "crc"]
     (row,) = csv.DictReader(io.StringIO(text))
     assert (row["job_id"], row["prompt"], row["cost"], row["bytes"]) == ("007", "42", "0.32",
                                                                         "4096")

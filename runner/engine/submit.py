@@ -46,6 +46,7 @@ def job_fields(job: Job) -> dict[str, object]:
     default where the manifest left a field out): what the price was estimated on.
     ``image_file``/``image_sha256`` list the local images one per line, and ``image_url``
     their uploaded URLs once known (else the first image the manifest gave by URL).
+    ``metadata`` holds the job's tags as canonical JSON (sorted keys), empty without tags.
     """
     return {
         "idempotency_key": job.idempotency_key,
@@ -61,6 +62,7 @@ def job_fields(job: Job) -> dict[str, object]:
         "manifest": job.manifest,
         "request": canonical_json(job.body()) if not job.uploads else None,
         "take": job.take,
+        "metadata": canonical_json(dict(job.metadata)) if job.metadata else None,
     }
 
 

@@ -15,8 +15,15 @@ middle; a row with another number of cells than the header; a row longer than
 column (a task id that is not a bounded token, a fingerprint that is not hex, ...); a
 task id on a row whose status says no task exists; a row that drops or changes the task
 id its job's previous row had (only ``submitting`` starts afresh, only ``submitted``
-names a new task). A UTF-8 BOM, CRLF or LF line ends, blank lines, quoting styles and
-extra columns are harmless and accepted. The writer checks its own rows the same way.
+names a new task); a job id with spaces around it (a rerun would not find the job). A
+UTF-8 BOM, CRLF or LF line ends and quoting styles are harmless and accepted silently. The
+writer checks its own rows the same way.
+
+Harmless oddities, signs of a hand edit that change no decision, are accepted with one
+warning per kind (``FILE:LINE`` of the first, and how many): a row whose crc no longer
+matches its cells (changed after it was written), blank lines, columns we do not write,
+spaces around a value in a column we write without them, a ``metadata`` cell that is not
+a JSON object of text values.
 
 Spreadsheet safety: a cell that starts with ``=``, ``+``, ``-``, ``@``, a tab or a
 carriage return would be a live formula when the CSV is opened in a spreadsheet
@@ -66,6 +73,8 @@ import contextlib
 import csv
 import fcntl
 import io
+import json
+import operator
 import os
 import re
 import stat
@@ -85,7 +94,7 @@ COLUMNS: Final = (
     "idempotency_key", "fingerprint", "model", "duration", "resolution", "aspect_ratio",
     "image_url", "image_file", "image_sha256", "uploaded_at", "prompt", "manifest",
     "base_url", "mock", "progress", "video_url", "expires_at", "thumbnail_url", "cost",
-    "file", "bytes", "request", "take", "file_sha256", "crc",
+    "file", "bytes", "request", "take", "file_sha256", "metadata", "crc",
 )  # fmt: skip
 
 #: Every status a row may hold, by the stage that writes it:
@@ -129,6 +138,19 @@ _SHAPES: Final = {
     "take": (re.compile(r"[1-9][0-9]{0,5}"), "a take number (1, 2, ...)"),
     "file_sha256": (re.compile(r"[0-9a-f]{64}"), "a SHA-256 (64 hex digits)"),
 }
+#: Columns whose values the runner writes without spaces around them.
+_TRIMMED: Final = ("time", "model", "duration", "resolution", "aspect_ratio", "uploaded_at",
+                   "progress", "expires_at", "cost", "bytes", "metadata")
+#: Each kind of harmless oddity: what one is, and what several are called.
+_ODDITIES: Final = {
+    "edited": ("a row changed since apimart-batch wrote it (its crc no longer matches its "
+               "cells); it is read as it is now", "rows"),
+    "blank": ("a blank line; it is skipped", "blank lines"),
+    "spaces": ("spaces around the value of column {column!r}; it is read as it is", "rows"),
+    "metadata": ("a metadata cell that is not a JSON object of text values; its tags are not "
+                 "shown", "rows"),
+}
+_SEPARATOR: Final = "\x1f"
 _REOPENS: Final = 10
 _BOM: Final = "\ufeff".encode()
 _FIX_BY_HAND: Final = "restore the ledger from a backup, or fix that line by hand"
@@ -151,6 +173,16 @@ def row_crc(row: Mapping[str, str]) -> str:
     """The ``crc`` cell of ``row``: ``c`` and the CRC-32 of its values up to ``request``."""
     data = "\x1f".join(row.get(name, "") for name in _CRC_COVERS)
     return f"c{zlib.crc32(data.encode(errors='surrogatepass')):08x}"
+
+
+# A scanned row has every column of today: item lookups, several times faster than .get.
+_crc_cells: Final = operator.itemgetter(*_CRC_COVERS)
+_trimmed_cells: Final = operator.itemgetter(*_TRIMMED)
+
+
+def _scanned_crc(row: Mapping[str, str]) -> str:
+    """:func:`row_crc` of a row as ``_Scan`` yields it (every column present)."""
+    return f"c{zlib.crc32(_SEPARATOR.join(_crc_cells(row)).encode(errors='surrogatepass')):08x}"
 
 
 def _warn_stderr(message: str) -> None:
@@ -212,8 +244,14 @@ def _problem(row: Mapping[str, str], before: str | None) -> tuple[str, str] | No
         return what, "remove that line, or keep each ledger in a file of its own"
     if not job or "\0" in job:
         return f"job id {_shown(job)} is not one", _FIX_BY_HAND
+    if job != job.strip():
+        what = (f"job id {_shown(job)} has spaces around it: a rerun would not find job "
+                f"{job.strip()!r} here and buy it again")
+        return what, f"remove the spaces; {_FIX_BY_HAND}"
     if status not in STATUSES:
         what = f"status {_shown(status)} is not a status apimart-batch writes"
+        if status.strip() in STATUSES:
+            return what, f"remove the spaces around {status.strip()!r}"
         known = ", ".join(sorted(STATUSES))
         return what, f"a shifted or swapped column? (statuses: {known}); {_FIX_BY_HAND}"
     for name, (shape, meaning) in _SHAPES.items():
@@ -239,6 +277,15 @@ def _problem(row: Mapping[str, str], before: str | None) -> tuple[str, str] | No
     return f"job {job!r} had task {before!r}; this {status!r} row names {task!r}", _FIX_BY_HAND
 
 
+def _tags_cell(cell: str) -> bool:
+    """Whether a ``metadata`` cell is a JSON object of text values (what the runner writes)."""
+    try:
+        tags = json.loads(cell)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(tags, dict) and all(isinstance(value, str) for value in tags.values())
+
+
 def _parse(text: str) -> list[str]:
     """The cells of one record (``[]`` for a blank line); csv.Error if it is not one."""
     records = list(csv.reader([text], strict=True))
@@ -260,6 +307,10 @@ class _Scan:
         #: What the last row kept lacks of its line end (b"" when it has one).
         self.open_end = b""
         self._tasks: dict[str, str] = {}
+        self._header_line = 1
+        self._has_crc = False
+        #: Harmless oddities met: kind -> (first line, how many, the column it names).
+        self._odd: dict[str, tuple[int, int, str]] = {}
 
     def _records(self) -> Iterator[tuple[int, int, bytes]]:
         """(first line, offset, bytes) of each record, lines joined while a quote is open."""
@@ -342,6 +393,36 @@ class _Scan:
         """What a kept record lacks of its line end."""
         return b"" if raw.endswith(b"\n") else b"\n" if raw.endswith(b"\r") else b"\r\n"
 
+    def _note(self, kind: str, line: int, column: str = "") -> None:
+        first, count, named = self._odd.get(kind, (line, 0, column))
+        self._odd[kind] = (first, count + 1, named)
+
+    def _inspect(self, line: int, row: Mapping[str, str]) -> None:
+        """Note the harmless oddities of one whole row (see the module docstring)."""
+        crc = row["crc"]
+        if crc and self._has_crc and crc != _scanned_crc(row):
+            self._note("edited", line)
+        for name, value in zip(_TRIMMED, _trimmed_cells(row), strict=True):
+            if value and value != value.strip():
+                self._note("spaces", line, name)
+                break
+        if row["metadata"] and not _tags_cell(row["metadata"]):
+            self._note("metadata", line)
+
+    def warnings(self) -> list[str]:
+        """One warning per kind of harmless oddity met, at its first line, with a count."""
+        found = []
+        if extra := [name for name in self.header if name not in COLUMNS]:
+            names = ", ".join(map(repr, extra))
+            found.append(f"{self.path}:{self._header_line}: columns apimart-batch does not "
+                         f"write: {names}; they are kept as they are")
+        for kind, (line, count, column) in self._odd.items():
+            what, several = _ODDITIES[kind]
+            text = f"{self.path}:{line}: {what.format(column=column)}"
+            found.append(text + (f" ({count} {several} like this; this is the first)"
+                                 if count != 1 else ""))
+        return found
+
     def rows(self) -> Iterator[dict[str, str]]:
         """Yield every complete row, with every column of today (missing ones empty)."""
         records = self._records()
@@ -353,10 +434,13 @@ class _Scan:
             self.open_end = self._line_end(raw)
             if header:
                 self._check_header(header, line)
+                self._header_line = line
                 break
+            self._note("blank", line)
         else:
             self._check_header(header, 1)
         self.header = header
+        self._has_crc = "crc" in header
         for line, offset, raw in records:
             ended = raw.endswith(b"\n") and raw.count(b'"') % 2 == 0
             try:
@@ -378,6 +462,9 @@ class _Scan:
                 if problem := _problem(row, self._tasks.get(row["job_id"])):
                     raise _error(where, *problem)
                 self._tasks[row["job_id"]] = row["task_id"]
+                self._inspect(line, row)
+            else:
+                self._note("blank", line)
             self.end = offset + len(raw)
             self.open_end = self._line_end(raw)
             if cells:
@@ -404,12 +491,15 @@ def _require_regular(path: Path) -> None:
         raise _error(path, f"is {kind}, not a regular file", "pass a file path to --ledger")
 
 
-def iter_rows(path: str | os.PathLike[str]) -> Iterator[dict[str, str]]:
+def iter_rows(
+    path: str | os.PathLike[str], warn: Callable[[str], None] | None = None
+) -> Iterator[dict[str, str]]:
     """Yield every row of the ledger at ``path`` in file order, without locking or repairing it.
 
     A row cut short at the end (a crash, or a run writing right now) is skipped, and an
     empty file (a run creating the ledger right now: it locks the file, then writes the
-    header) has no rows.
+    header) has no rows. ``warn``, when given, receives the harmless oddities met (see the
+    module docstring) once the last row is read.
     """
     path = Path(path)
     _require_regular(path)
@@ -420,12 +510,21 @@ def iter_rows(path: str | os.PathLike[str]) -> Iterator[dict[str, str]]:
     with file:
         if os.fstat(file.fileno()).st_size == 0:
             return
-        yield from _Scan(file, path).rows()
+        scan = _Scan(file, path)
+        yield from scan.rows()
+        if warn is not None:
+            for message in scan.warnings():
+                warn(message)
 
 
-def read_latest(path: str | os.PathLike[str]) -> dict[str, dict[str, str]]:
-    """The last row of each job in the ledger at ``path``, without locking or modifying it."""
-    return {row["job_id"]: row for row in iter_rows(path)}
+def read_latest(
+    path: str | os.PathLike[str], warn: Callable[[str], None] | None = None
+) -> dict[str, dict[str, str]]:
+    """The last row of each job in the ledger at ``path``, without locking or modifying it.
+
+    ``warn`` receives the harmless oddities met, as for :func:`iter_rows`.
+    """
+    return {row["job_id"]: row for row in iter_rows(path, warn)}
 
 
 def ledger_is_mock(path: str | os.PathLike[str]) -> bool:
@@ -814,6 +913,8 @@ def _load(
             latest[row["job_id"]] = row
             modes.add(row["mock"])
             last_url = row["base_url"] or last_url
+        for message in scan.warnings():
+            warn(message)
         if mock and "0" in modes:
             what = "written by real runs; --mock must not add emulator rows to it"
             raise _error(path, what, "use another --ledger for --mock runs")

@@ -2,9 +2,10 @@
 
 ``yamlfile`` parses strictly with line marks, ``schemas`` turns schema errors into words,
 ``catalog`` reads the model schemas of ``schemas/models/``, ``loader`` reads each file and
-conducts the rest (``expand`` entries into combinations, ``jobs`` builds and validates each
-job with ``verdict`` and ``images``, ``ids`` names it, ``diagnostics`` says where a problem
-is), and ``pricing`` estimates what it costs (``schemas/prices.json``).
+conducts the rest (``sources`` reads prompt files into matrix lists, ``expand`` entries into
+combinations, ``jobs`` builds and validates each job with ``verdict`` and ``images``, ``ids``
+names it, ``diagnostics`` says where a problem is), and ``pricing`` estimates what it costs
+(``schemas/prices.json``).
 """
 
 from __future__ import annotations

@@ -30,6 +30,16 @@ class Truncated(Diagnostic):
     hidden: tuple[Diagnostic, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A file a matrix axis was read from (``sources``): its name as shown, the manifest's
+    position that names it, and the line of each value read, in order."""
+
+    file: str
+    ref: Pos
+    lines: tuple[int, ...] = ()
+
+
 class Reporter:
     """Collects one file's diagnostics; a later stage never repeats a place an earlier judged."""
 
@@ -38,6 +48,9 @@ class Reporter:
         #: The parsed document the positions are looked up in (None until it is parsed).
         self.doc: Any = None
         self.diagnostics: list[Diagnostic] = []
+        #: Matrix axes read from a file, by their path: a problem of value ``i`` of such an
+        #: axis is reported at the line it was read from.
+        self.sources: dict[DocPath, Source] = {}
         self._early: set[tuple[int, int, str]] = set()
 
     def at(
@@ -49,9 +62,25 @@ class Reporter:
         at_key: bool = False,
         late: bool = False,
     ) -> None:
-        """Report a problem at ``path`` of the document (at its key with ``at_key``)."""
+        """Report a problem at ``path`` of the document (at its key with ``at_key``).
+
+        A value of an axis read from a file (``sources``) is reported at its line there.
+        """
+        source = self.sources.get(path[:4]) if len(path) > 4 else None
+        index = path[4] if source is not None else None
+        if source is not None and isinstance(index, int) and 0 <= index < len(source.lines):
+            shown = locate(self.doc, path[:4])[0]
+            self.in_source(source, source.lines[index], message, hint, shown)
+            return
         shown, pos = locate(self.doc, path, at_key=at_key)
         self.add(pos, shown, message, hint, late=late)
+
+    def in_source(
+        self, source: Source, line: int, message: str, hint: str | None, path: str = ""
+    ) -> None:
+        """Report a problem at ``line`` of a file the manifest reads, naming where it does."""
+        text = f"{message} (in the file read at {self.path}:{source.ref[0]})"
+        self.diagnostics.append(Diagnostic(source.file, line, 1, path, text, hint))
 
     def all(self, prefix: DocPath, problems: list[Problem]) -> None:
         """Report every schema problem, each at its place below ``prefix``."""

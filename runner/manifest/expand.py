@@ -16,8 +16,9 @@ from runner.manifest.diagnostics import Reporter
 #: Most jobs one manifest may expand to (after matrix and repeat).
 MAX_JOBS = 100_000
 
-#: Keys of an entry that shape the batch; every other key is a request field.
-ENTRY_KEYS = ("id", "matrix", "repeat")
+#: Keys of an entry that shape the batch or tag it (``metadata``, never sent); every other
+#: key is a request field.
+ENTRY_KEYS = ("id", "matrix", "repeat", "metadata")
 
 
 #: One entry that can expand: (its index, the entry, its lists to combine, takes of each).

@@ -19,7 +19,7 @@ from runner.manifest.expand import ENTRY_KEYS
 from runner.manifest.images import LocalImages
 from runner.manifest.verdict import Verdicts
 from runner.manifest.yamlfile import Pos
-from runner.models import Job, Pointer, Upload
+from runner.models import NO_TAGS, Job, Pointer, Upload
 
 _IMAGE_FIELDS = ("image", "image_urls")
 #: What a local file stands as while the job's request is validated (an upload's URL).
@@ -110,6 +110,7 @@ class JobBuilder:
             manifest_name=self.name,
             line=pos[0],
             catalogued=spec is not None,
+            metadata=merged_metadata(defaults, entry),
         )
 
     def _uploads(
@@ -148,6 +149,19 @@ class JobBuilder:
                 continue
             uploads.append(Upload(pointer=pointer, file=found[0], sha256=found[1]))
         return (tuple(uploads) if usable else None), checked
+
+
+def merged_metadata(*layers: Mapping[str, Any]) -> Mapping[str, str]:
+    """The ``metadata`` tags of ``layers`` merged key by key, a later layer winning.
+
+    Values that are not text were reported by the schema; they are left out here.
+    """
+    merged: dict[str, str] = {}
+    for layer in layers:
+        tags = layer.get("metadata")
+        if isinstance(tags, Mapping):
+            merged |= {k: v for k, v in tags.items() if isinstance(k, str) and isinstance(v, str)}
+    return merged or NO_TAGS
 
 
 def _source_path(path: Pointer, sources: Mapping[str, DocPath], fallback: DocPath) -> DocPath:

@@ -36,6 +36,7 @@ from runner.manifest.expand import combinations, plan
 from runner.manifest.ids import JobIds
 from runner.manifest.jobs import JobBuilder
 from runner.manifest.schemas import explain
+from runner.manifest.sources import read_sources
 from runner.manifest.yamlfile import Pos, parse_yaml
 from runner.models import Job
 
@@ -173,6 +174,7 @@ class _FileLoader:
             return
         defaults = doc.get("defaults")
         defaults = defaults if isinstance(defaults, dict) else {}
+        entries = read_sources(entries, self.folder, self.reporter)  # prompt files -> lists
         plans = plan(entries, defaults, self.reporter)
         if plans is None:
             return

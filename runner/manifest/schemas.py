@@ -108,7 +108,7 @@ class Problem:
 # Keywords that judge one value; several of them failing on the same value are one problem.
 _VALUE_KEYWORDS = frozenset(
     {"type", "enum", "const", "pattern", "minLength", "maxLength", "minimum", "maximum",
-     "minItems", "maxItems", "minProperties", "anyOf", "oneOf"}
+     "minItems", "maxItems", "minProperties", "maxProperties", "anyOf", "oneOf"}
 )  # fmt: skip
 _TYPE_WORDS = {
     "object": "a mapping (key: value)",
@@ -126,8 +126,11 @@ _SYNONYMS = {
     "length": "this format calls it 'duration'",
     "n": "for several takes of one request, write 'repeat: N'",
     "count": "for several takes of one request, write 'repeat: N'",
-    "prompts": "for several prompts, write 'matrix: {prompt: [...]}'",
+    "prompts": "for several prompts, write 'matrix: {prompt: [...]}' "
+               "(or read them from a file: 'matrix: {prompt: {file: prompts.txt}}')",
     "images": "for several images, write 'matrix: {image: [...]}'",
+    "tags": "for your own tags, write 'metadata: {key: value}' (kept in the ledger, never sent)",
+    "labels": "for your own tags, write 'metadata: {key: value}' (kept in the ledger, never sent)",
 }
 _REQUIRED_HINTS = {
     "version": "add 'version: 1' as the first line",
@@ -137,6 +140,8 @@ _REQUIRED_HINTS = {
     ),
     "model": "add 'model: ...' to this job or to defaults ('apimart-batch models' lists them)",
     "prompt": "add 'prompt: ...' to this job, or list prompts under 'matrix: {prompt: [...]}'",
+    "column": "name the CSV column that holds the prompts: {csv: products.csv, column: prompt}",
+    "csv": "a column is read from a CSV file: {csv: products.csv, column: prompt}",
 }
 
 
@@ -222,7 +227,7 @@ def _explain(error: ValidationError, context: _Context) -> list[Problem]:
         title = sub.get("title", "value")
         rule = str(sub.get("description", "")).split(". ")[0].rstrip(".") or None
         return [Problem(path, f"{_show(value)} is not a valid {title}", rule)]
-    if keyword in ("minItems", "maxItems", "minProperties", "minimum", "maximum"):
+    if keyword in ("minItems", "maxItems", "minProperties", "maxProperties", "minimum", "maximum"):
         return [_out_of_range(path, keyword, expected, value)]
     if keyword == "not" and "dependentSchemas" not in error.absolute_schema_path:
         return [Problem(path, _rule_text(error, context) or error.message)]
@@ -319,6 +324,8 @@ def _out_of_range(path: tuple[str | int, ...], keyword: str, limit: Any, value: 
         return Problem(path, f"at most {limit} allowed, got {len(value)}", hint)
     if keyword == "minProperties":
         return Problem(path, "must not be empty")
+    if keyword == "maxProperties":
+        return Problem(path, f"at most {limit} keys allowed, got {len(value)}")
     bound = "at least" if keyword == "minimum" else "at most"
     return Problem(path, f"{_show(value)} is out of range (must be {bound} {limit})")
 

@@ -376,7 +376,7 @@ def tags(row: Mapping[str, str]) -> dict[str, str]:
     """The row's ``metadata`` tags; none when the cell is missing, empty or not a JSON object."""
     try:
         data = json.loads(row.get("metadata", "") or "{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # a hand-edited cell must not crash a report
         return {}
     if not isinstance(data, dict):
         return {}

@@ -180,6 +180,7 @@ def _job_json(job: Job, cost: float | None, key: str, skip: str | None) -> dict[
         "manifest_name": job.manifest_name,
         "line": job.line,
         "catalogued": job.catalogued,
+        "metadata": dict(job.metadata),
         "seconds": job.seconds,
         "fingerprint": job.fingerprint,
         "price_key": key,

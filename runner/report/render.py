@@ -10,7 +10,7 @@ import shutil
 import textwrap
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,16 +19,19 @@ from runner.engine import REGENERABLE, expires_ts, needs_download
 from runner.ledger import COLUMNS, ledger_path, read_latest, write_csv
 from runner.manifest import load_catalog, pricing
 from runner.models import Job
+from runner.report.html import tags
 
 EXPIRING_WITHIN = 24 * 3600.0
 #: The table's fixed columns (name, width); each job's error follows them in full.
 _TABLE = (("job_id", 28), ("status", 11), ("task_id", 32), ("progress", 8), ("expires_at", 20),
           ("cost", 7), ("takes", 5))
+#: The tags column, shown when some job has ``metadata`` tags.
+_TAGS = ("tags", 24)
 #: The fewest columns the error may have beside the others; with fewer it goes below the row.
 _MIN_ERROR_WIDTH = 30
 _ERROR_BELOW = "    error: "
 #: Columns the report always carries, also for a ledger written before they existed.
-_ADDED_COLUMNS = ("take", "file_sha256")
+_ADDED_COLUMNS = ("take", "file_sha256", "metadata")
 #: Ledger columns holding numbers: JSON gives them as numbers (a cell that is not one stays text).
 _NUMERIC = frozenset({"attempts", "http_status", "duration", "progress", "cost", "bytes", "take"})
 _INTEGER = re.compile(r"-?[0-9]{1,18}")
@@ -49,10 +52,15 @@ class Report:
     unpriced: int = 0
 
 
-def build_report(ledger: str, *, now: float | None = None) -> Report:
-    """Read ``ledger`` (without locking it) and summarise it."""
+def build_report(
+    ledger: str, *, now: float | None = None, warn: Callable[[str], None] | None = None
+) -> Report:
+    """Read ``ledger`` (without locking it) and summarise it.
+
+    ``warn`` receives the ledger's harmless oddities (hand edits that change no decision).
+    """
     now = time.time() if now is None else now
-    rows = list(read_latest(ledger).values())
+    rows = list(read_latest(ledger, warn).values())
     totals = Counter(row.get("status", "") for row in rows)
     estimates = [_estimate(row) for row in rows if row.get("task_id")]
     estimated = sum(cost for cost in estimates if cost is not None)
@@ -165,16 +173,18 @@ def render_table(report: Report, *, width: int | None = None) -> str:
 
     Each job's error is shown in full, wrapped to ``width`` (default: the terminal's):
     beside the other columns when there is room, else on lines of its own below the row.
+    When some job has ``metadata`` tags, a ``tags`` column shows them as ``key=value``.
     """
     width = shutil.get_terminal_size().columns if width is None else width
-    fixed = sum(w for _, w in _TABLE) + 2 * len(_TABLE)
+    table = (*_TABLE, _TAGS) if any(tags(row) for row in report.rows) else _TABLE
+    fixed = sum(w for _, w in table) + 2 * len(table)
     beside = width - fixed >= _MIN_ERROR_WIDTH
-    header = "  ".join(name.ljust(w) for name, w in _TABLE) + ("  error" if beside else "")
+    header = "  ".join(name.ljust(w) for name, w in table) + ("  error" if beside else "")
     lines = [header.rstrip()]
     for row in report.rows:
         cells = []
-        for name, w in _TABLE:
-            value = str(_take(row)) if name == "takes" else _one_line(row.get(name, ""))
+        for name, w in table:
+            value = _cell_text(row, name)
             cells.append((value[: w - 1] + "…" if len(value) > w else value).ljust(w))
         head = "  ".join(cells)
         error = _one_line(row.get("error", ""))
@@ -200,6 +210,15 @@ def render_table(report: Report, *, width: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def _cell_text(row: Mapping[str, str], name: str) -> str:
+    """What the table shows in column ``name`` of ``row``."""
+    if name == "takes":
+        return str(_take(row))
+    if name == "tags":
+        return _one_line(", ".join(f"{key}={value}" for key, value in tags(row).items()))
+    return _one_line(row.get(name, ""))
+
+
 def _one_line(text: str) -> str:
     """``text`` on one line, fit for a terminal: whitespace runs as one space, controls escaped."""
     text = " ".join(text.split())
@@ -212,9 +231,10 @@ def render_json(report: Report) -> str:
     """The report as one JSON document.
 
     Each job is its ledger row, typed: numeric columns (cost, bytes, duration, attempts,
-    http_status, progress, take) as numbers, ``mock`` as true or false, an empty cell as
-    null, every other cell as text (a job id of digits stays text). ``take`` is always
-    there (1 when the ledger has no such cell).
+    http_status, progress, take) as numbers, ``mock`` as true or false, ``metadata`` as an
+    object of the job's tags (``{}`` without tags), an empty cell as null, every other cell
+    as text (a job id of digits stays text). ``take`` is always there (1 when the ledger has
+    no such cell).
     """
     return json.dumps({
         "ledger": report.ledger, "jobs": [_typed(row) for row in report.rows],
@@ -230,6 +250,7 @@ def _typed(row: Mapping[str, str]) -> dict[str, object]:
     """A ledger row as JSON values (see :func:`render_json`)."""
     typed = {name: _json_value(name, text) for name, text in _with_added(row).items()}
     typed["take"] = _take(row)
+    typed["metadata"] = tags(row)
     return typed
 
 
