@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from contextlib import AsyncExitStack, ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -48,9 +48,17 @@ from runner.errors import (
     LedgerError,
     RunnerError,
 )
-from runner.ledger import Ledger, keep_synced, ledger_path, open_ledger
+from runner.ledger import (
+    Ledger,
+    keep_synced,
+    ledger_path,
+    open_ledger,
+    recorded_elsewhere,
+    refuse_other_counts,
+)
 from runner.manifest import Manifest, load_manifests, pricing
 from runner.models import Job
+from runner.shard import Shard
 
 #: The order of the summary's counts: the pipeline's order.
 SUMMARY_ORDER = (
@@ -104,6 +112,7 @@ class RunConfig:
     wait: bool = False
     out: str | None = None
     timing: PollTiming = field(default_factory=PollTiming)
+    shard: Shard | None = None
 
 
 def _recorded_base_url(config: RunConfig) -> str:
@@ -122,6 +131,8 @@ class Ledgers:
         self.all = ledgers
         self.latest: dict[str, Mapping[str, str]] = {}
         self.on_row: Callable[[str, str], None] | None = None
+        #: Jobs whose newest row is in another ledger of their family: (that ledger, row).
+        self.elsewhere: dict[str, tuple[str, Mapping[str, str]]] = {}
         for ledger in ledgers:
             self.latest.update(ledger.latest)
 
@@ -194,10 +205,12 @@ async def run(config: RunConfig, console: Console) -> int:
     """Submit every job of the manifests that is not done yet; return the exit code."""
     manifests = load_manifests(config.manifests, allow_unknown_models=config.allow_unknown_models)
     prices = pricing.merged_prices(manifests, config.prices)
-    jobs = [job for manifest in manifests for job in manifest.jobs]
+    jobs = [job for manifest in manifests for job in manifest.jobs
+            if config.shard is None or config.shard.holds(job.job_id)]
     with ExitStack() as stack:
         ledgers = _open_ledgers(stack, manifests, config, console)
         decisions = [_decide(job, ledgers, config) for job in jobs]
+        _say_elsewhere(decisions, ledgers, console)
         outcome = Outcome(total=len(jobs))
         selected = _select(decisions, config, prices, outcome, console)
         if not selected and not config.wait:
@@ -268,8 +281,8 @@ async def _check_balance(
 def _open_ledgers(
     stack: ExitStack, manifests: Sequence[Manifest], config: RunConfig, console: Console
 ) -> Ledgers:
-    paths = {m.path: ledger_path(m.path, mock=config.mock, override=config.ledger)
-             for m in manifests}
+    paths = {m.path: ledger_path(m.path, mock=config.mock, override=config.ledger,
+                                 shard=config.shard) for m in manifests}
     opened: dict[str, Ledger] = {}
     base_url = _recorded_base_url(config)
     for path in sorted(set(paths.values())):
@@ -284,12 +297,46 @@ def _open_ledgers(
                 console.warn(f"{ledger.path}: job '{job_id}' was being submitted when an earlier "
                              "run stopped; it is now 'unknown' (it may exist and be billed)")
     by_job = {job.job_id: opened[paths[m.path]] for m in manifests for job in m.jobs}
-    return Ledgers(by_job, list(opened.values()))
+    ledgers = Ledgers(by_job, list(opened.values()))
+    for path, ledger in opened.items():
+        # Our ledgers are locked by now: a run of another shard count that starts later
+        # sees them, and one that started earlier is seen here.
+        refuse_other_counts(path, config.shard)
+        ledgers.elsewhere.update(recorded_elsewhere(path, ledger.latest, mock=config.mock))
+    return ledgers
 
 
 def _decide(job: Job, ledgers: Ledgers, config: RunConfig) -> Decision:
-    return decide(job, ledgers.row(job.job_id), resubmit_unknown=config.resubmit_unknown,
-                  resubmit_changed=config.resubmit_changed, retry_failed=config.retry_failed)
+    return decide_across(job, ledgers.row(job.job_id), ledgers.elsewhere.get(job.job_id),
+                         resubmit_unknown=config.resubmit_unknown,
+                         resubmit_changed=config.resubmit_changed,
+                         retry_failed=config.retry_failed)
+
+
+def decide_across(
+    job: Job,
+    row: Mapping[str, str] | None,
+    elsewhere: tuple[str, Mapping[str, str]] | None,
+    **flags: bool,
+) -> Decision:
+    """``decide`` on the job's newest row: its own ledger's ``row``, or the newer one of
+    another ledger of its family (``elsewhere``: that ledger and its row); ``flags`` are
+    ``decide``'s."""
+    other, newest = elsewhere if elsewhere is not None else (None, row)
+    decision = decide(job, newest, **flags)
+    if other is None or decision.verdict == "submit":
+        return decision  # once sent, it is recorded in this run's ledger
+    return replace(decision, reason=f"recorded in other ledger {other}: {decision.reason}")
+
+
+def _say_elsewhere(decisions: Sequence[Decision], ledgers: Ledgers, console: Console) -> None:
+    """Name the other ledgers (another shard count) that hold jobs this run leaves alone."""
+    held = Counter(ledgers.elsewhere[d.job.job_id][0] for d in decisions
+                   if d.verdict != "submit" and d.job.job_id in ledgers.elsewhere)
+    if held:
+        where = ", ".join(f"{path} ({n})" for path, n in sorted(held.items()))
+        console.info(f"{held.total()} jobs are recorded in other ledgers of their manifest and "
+                     f"are left to them: {where}")
 
 
 def _select(

@@ -15,17 +15,36 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from runner import __version__, emulator, report
 from runner.api import DEFAULT_BASE_URL, RetryPolicy, Secret, api_key_from_env, key_file_warning
-from runner.app import HALT_SAMPLE, HaltAfter, RunConfig
+from runner.app import HALT_SAMPLE, HaltAfter, RunConfig, decide_across
 from runner.app import run as run_jobs
 from runner.console import Console
-from runner.engine import LedgerConfig, PollTiming, decide, run_download, run_status
-from runner.errors import ApiError, LedgerError, ManifestError, RunnerError, UsageError
-from runner.ledger import ledger_is_mock, ledger_path, read_latest
+from runner.engine import LedgerConfig, PollTiming, run_download, run_status
+from runner.errors import (
+    EXIT_API_STOPPED,
+    EXIT_JOBS_FAILED,
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    ApiError,
+    LedgerError,
+    ManifestError,
+    RunnerError,
+    UsageError,
+)
+from runner.ledger import (
+    expand_ledgers,
+    ledger_is_mock,
+    ledger_path,
+    read_latest,
+    recorded_elsewhere,
+)
 from runner.manifest import (
     bundled_schema,
     diagnostics_document,
@@ -36,6 +55,7 @@ from runner.manifest import (
     schema_dir,
 )
 from runner.report import models_listing, render_models
+from runner.shard import INDEX_VARIABLE, Shard, parse_shard
 
 #: The manifest schema with only file-local $refs: what editors can load.
 EDITOR_SCHEMA = "manifest.editor.schema.json"
@@ -146,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ledger to compare with (default: beside the manifest)")
     p.add_argument("--mock", action="store_true", help="compare with the --mock ledger")
     _add_retry_failed_flag(p)
+    _add_shard_flag(p)
     p.add_argument("--balance", action="store_true",
                    help="also read the account balance (GET /v1/balance; needs the key) and "
                         "compare it with the estimate")
@@ -201,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not read the balance before sending (by default a run whose "
                         "estimate exceeds it is refused; a failed lookup only warns)")
     _add_price_flag(p)
+    _add_shard_flag(p)
     _add_target_flags(p)
     _add_output_flags(p)
     p.add_argument("--summary-json", metavar="PATH", help="also write the summary as JSON")
@@ -209,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_media_flags(p)
     p.set_defaults(func=cmd_run)
 
-    p = command("status", "Poll unfinished tasks of a ledger and record their state.")
-    p.add_argument("ledger", metavar="LEDGER")
+    p = command("status", "Poll unfinished tasks of ledgers and record their state.")
+    _add_ledgers_argument(p)
+    _add_shard_flag(p, ledger=True)
     p.add_argument("--wait", action="store_true", help="keep polling until every task ends")
     p.add_argument("-j", "--concurrency", type=_concurrency, default=8, metavar="N",
                    help="requests in flight at most (default 8)")
@@ -219,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_flags(p)
     p.set_defaults(func=cmd_status)
 
-    p = command("download", "Download every completed video of a ledger not yet on disk.")
-    p.add_argument("ledger", metavar="LEDGER")
+    p = command("download", "Download every completed video of ledgers not yet on disk.")
+    _add_ledgers_argument(p)
+    _add_shard_flag(p, ledger=True)
     p.add_argument("-j", "--concurrency", type=_concurrency, default=4, metavar="N",
                    help="downloads at once (default 4)")
     _add_media_flags(p, poll=False)
@@ -228,8 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_flags(p)
     p.set_defaults(func=cmd_download)
 
-    p = command("report", "Summarise a ledger: one row per job, totals, costs, next steps.")
-    p.add_argument("ledger", metavar="LEDGER")
+    p = command("report", "Summarise ledgers: one row per job, totals, costs, next steps.")
+    _add_ledgers_argument(p)
     p.add_argument("--format", choices=("table", "csv", "json"), default="table",
                    help="a table for people (default), or CSV / JSON for programs")
     p.set_defaults(func=cmd_report)
@@ -246,6 +270,23 @@ def _add_retry_failed_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-failed", action="store_true",
                    help="buy again the jobs whose task failed or was cancelled, or whose link "
                         "expired before download: a new take, a new Idempotency-Key")
+
+
+def _add_shard_flag(p: argparse.ArgumentParser, *, ledger: bool = False) -> None:
+    what = ("only the jobs of shard I of N (by a stable hash of the job id) of these ledgers"
+            if ledger else
+            "only the jobs of shard I of N (by a stable hash of the job id), recorded in "
+            "<stem>.shard-I-of-N.ledger.csv; jobs recorded in another ledger of the manifest "
+            "are never sent again")
+    p.add_argument("--shard", type=_shard, metavar="I/N",
+                   help=f"{what}; auto/N takes I from ${INDEX_VARIABLE} (Kubernetes Indexed "
+                        "Jobs)")
+
+
+def _add_ledgers_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ledgers", nargs="+", metavar="LEDGER",
+                   help="ledger CSV files, or quoted glob patterns ('m.*ledger.csv'): "
+                        "one merged view")
 
 
 def _add_unknown_model_flag(p: argparse.ArgumentParser) -> None:
@@ -330,15 +371,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """``plan``: the expanded jobs, totals and the estimated cost; no network but --balance."""
     manifests = load_manifests(args.manifests, allow_unknown_models=args.allow_unknown_model)
     prices = pricing.merged_prices(manifests, _prices(args.price))
+    if args.shard is not None:
+        manifests = [replace(m, jobs=tuple(j for j in m.jobs if args.shard.holds(j.job_id)))
+                     for m in manifests]
     skipped: dict[str, str] = {}
     takes: dict[str, int] = {}
     for manifest in manifests:
-        path = ledger_path(manifest.path, mock=args.mock, override=args.ledger)
-        if not Path(path).exists():
-            continue
-        latest = read_latest(path)
+        path = ledger_path(manifest.path, mock=args.mock, override=args.ledger, shard=args.shard)
+        latest = read_latest(path) if Path(path).exists() else {}
+        elsewhere = recorded_elsewhere(path, latest, mock=args.mock)
         for job in manifest.jobs:
-            decision = decide(job, latest.get(job.job_id), retry_failed=args.retry_failed)
+            found = elsewhere.get(job.job_id)
+            if found is None and job.job_id not in latest:
+                continue
+            decision = decide_across(job, latest.get(job.job_id), found,
+                                     retry_failed=args.retry_failed)
             if decision.verdict != "submit":
                 skipped[job.job_id] = decision.reason
             elif decision.job.take > 1:
@@ -441,48 +488,77 @@ def cmd_run(args: argparse.Namespace) -> int:
         wait=args.wait,
         out=args.out,
         timing=_timing(args, mock=args.mock),
+        shard=args.shard,
     )
     return asyncio.run(run_jobs(config, console))
 
 
-def _ledger_config(args: argparse.Namespace, console: Console) -> LedgerConfig:
+def _ledger_configs(args: argparse.Namespace, console: Console) -> list[LedgerConfig]:
+    """One ``LedgerConfig`` per ledger argument (globs expanded), sharing one key and clock."""
     # A --mock ledger needs no key: its tasks live in the built-in emulator. Downloads need
     # none either (video links are signed URLs, fetched without an Authorization header),
     # but with one, an expired link can be asked for again.
-    mock = ledger_is_mock(args.ledger)
+    ledgers = expand_ledgers(args.ledgers)
+    mocks = {ledger: ledger_is_mock(ledger) for ledger in ledgers}
     polls = hasattr(args, "interval")
-    key = None if mock else _api_key(args, console, required=polls)
-    return LedgerConfig(
-        ledger=args.ledger,
-        api_key=key,
+    key = _api_key(args, console, required=polls) if not all(mocks.values()) else None
+    timings = {mock: _timing(args, mock=mock) if polls else PollTiming() for mock in (False, True)}
+    base = LedgerConfig(
+        ledger="",
         base_url=_base_url(args.base_url),
         concurrency=args.concurrency,
-        timing=_timing(args, mock=mock) if polls else PollTiming(),
         out=getattr(args, "out", "videos"),
         wait=getattr(args, "wait", False),
+        select=args.shard.holds if args.shard is not None else None,
     )
+    return [replace(base, ledger=ledger, api_key=None if mocks[ledger] else key,
+                    timing=timings[mocks[ledger]]) for ledger in ledgers]
+
+
+def _each_ledger(
+    args: argparse.Namespace,
+    command: Callable[[LedgerConfig, Console], Coroutine[object, object, int]],
+) -> int:
+    """Run ``status`` or ``download`` on each ledger in turn; the gravest exit code wins."""
+    console = Console(quiet=args.quiet, json_lines=args.log_format == "json")
+    configs = _ledger_configs(args, console)
+    codes = []
+    for config in configs:
+        code = asyncio.run(command(config, console))
+        if code in (EXIT_SIGINT, EXIT_SIGTERM):
+            return code  # interrupted: the ledgers after this one are left for a rerun
+        codes.append(code)
+    if len(configs) > 1 and not args.quiet:
+        states = Counter(row.get("status", "") for config in configs
+                         for job_id, row in read_latest(config.ledger).items()
+                         if config.select is None or config.select(job_id))
+        summary = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+        print(f"{len(configs)} ledgers: {summary or 'no jobs'}")
+    return max(codes, key=_GRAVITY.index)
+
+
+#: Exit codes of ``status`` and ``download`` from the least to the most grave.
+_GRAVITY = (EXIT_OK, EXIT_JOBS_FAILED, EXIT_API_STOPPED)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """``status``: poll a ledger's unfinished tasks."""
-    console = Console(quiet=args.quiet, json_lines=args.log_format == "json")
-    config = _ledger_config(args, console)
-    return asyncio.run(run_status(config, console))
+    """``status``: poll the ledgers' unfinished tasks."""
+    return _each_ledger(args, run_status)
 
 
 def cmd_download(args: argparse.Namespace) -> int:
     """``download``: fetch completed videos."""
-    console = Console(quiet=args.quiet, json_lines=args.log_format == "json")
-    config = _ledger_config(args, console)
-    return asyncio.run(run_download(config, console))
+    return _each_ledger(args, run_download)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """``report``: the collapsed ledger and next steps."""
-    if not Path(args.ledger).is_file():
-        msg = f"{args.ledger}: no such ledger"
-        raise LedgerError(msg)
-    built = report.build_report(args.ledger)
+    """``report``: the collapsed ledgers (merged into one view) and next steps."""
+    ledgers = expand_ledgers(args.ledgers)
+    for ledger in ledgers:
+        if not Path(ledger).is_file():
+            msg = f"{ledger}: no such ledger"
+            raise LedgerError(msg)
+    built = report.build_report(ledgers[0] if len(ledgers) == 1 else ledgers)
     render = {"table": report.render_table, "csv": report.render_csv, "json": report.render_json}
     print(render[args.format](built))
     return 0
@@ -601,6 +677,13 @@ def _halt_after(text: str) -> HaltAfter | None:
         msg = f"must be a number of jobs (e.g. 20), a share (e.g. 50%) or 'off', got '{text}'"
         raise argparse.ArgumentTypeError(msg)
     return HaltAfter(share=value / 100) if share else HaltAfter(count=int(value))
+
+
+def _shard(text: str) -> Shard:
+    try:
+        return parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _money(text: str) -> float:
