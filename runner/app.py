@@ -141,12 +141,18 @@ class Ledgers:
         ledger = self._by_job[job_id]
         ledger.append(job_id, **fields)
         self.latest[job_id] = ledger.latest[job_id]
+        self.elsewhere.pop(job_id, None)  # from now on its newest row is ours
         if self.on_row is not None:
             self.on_row(job_id, self.latest[job_id]["status"])
 
     def row(self, job_id: str) -> Mapping[str, str] | None:
         """The job's latest row in its own ledger."""
         return self._by_job[job_id].latest.get(job_id)
+
+    def newest(self, job_id: str) -> Mapping[str, str] | None:
+        """The job's newest row in any ledger of its family (``None``: never recorded)."""
+        other = self.elsewhere.get(job_id)
+        return other[1] if other is not None else self.latest.get(job_id)
 
 
 @dataclass
@@ -538,9 +544,9 @@ def _finish(
 ) -> int:
     for ledger in ledgers.all:
         ledger.sync()
-    states = Counter(ledgers.latest.get(job.job_id, {}).get("status", "not sent") for job in jobs)
+    states = Counter((ledgers.newest(job.job_id) or {}).get("status", "not sent") for job in jobs)
     unknown = sorted({j.job_id for j in jobs
-                      if ledgers.latest.get(j.job_id, {}).get("status") == "unknown"})
+                      if (ledgers.newest(j.job_id) or {}).get("status") == "unknown"})
     code = _exit_code(outcome, states, wait=config.wait)
     summary = {
         "exit_code": code,
@@ -553,7 +559,7 @@ def _finish(
             {"job_id": job.job_id, "status": row["status"], "reason": row.get("error") or None,
              "manifest": job.manifest, "line": job.line}
             for job in jobs
-            if (row := ledgers.latest.get(job.job_id)) is not None
+            if (row := ledgers.newest(job.job_id)) is not None
             and row.get("status") in NEEDS_ACTION
         ],
         "held_by_max_jobs": outcome.held_by_max_jobs,
@@ -649,7 +655,7 @@ def _print_summary(
             ledger = shlex.quote(str(ledgers.all[0].path))
             console.warn(f"... and {len(named) - _NAMED} more {state} jobs: "
                          f"apimart-batch report {ledger} lists them all")
-    rows = [row for job in jobs if (row := ledgers.latest.get(job.job_id)) is not None]
+    rows = [row for job in jobs if (row := ledgers.newest(job.job_id)) is not None]
     hint = regenerate_hint(rows, ledger=config.ledger, mock=config.mock,
                            base_url=config.base_url)
     if hint:
