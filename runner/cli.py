@@ -70,7 +70,8 @@ exit codes:
   2    invalid usage, manifest or ledger: nothing was sent (or, if the ledger
        became unwritable mid-run, nothing more; the message names any task id)
   3    stopped by the API: key, permission or balance (or the balance check)
-  75   the ledger is in use by another run
+  75   the ledger is in use by another run (with --shard: or a sibling ledger, by a
+       run of another shard count)
   141  stdout was closed early (e.g. '| head'); what was recorded stays recorded
   130  interrupted (SIGINT); 143: terminated (SIGTERM). In-flight requests finish
        and are recorded; a second signal aborts at once

@@ -372,7 +372,7 @@ def test_the_readme_parallel_line_runs(mock_server, tmp_path: Path) -> None:
     (tmp_path / "keys").mkdir()
     for index in range(4):
         key = tmp_path / "keys" / f"{index}.key"
-        key.write_text(f"sk-shard-{index}-test-key\n")
+        key.write_text(f"sk-shard-test-key-{index:04d}\n")
         key.chmod(0o600)
     env = {k: v for k, v in os.environ.items() if not k.startswith("APIMART_")}
     env |= {"APIMART_BASE_URL": server.url, "PATH": f"{Path(BIN).parent}:{env['PATH']}"}
@@ -381,11 +381,96 @@ def test_the_readme_parallel_line_runs(mock_server, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     stats = created_once(server)
     assert stats["tasks_created"] == 16
-    assert len(stats["tasks_per_key"]) == 4  # each shard paid with its own key
-    assert sum(stats["tasks_per_key"].values()) == 16
+    ids = [f"job-{i}" for i in range(16)]
+    assert stats["tasks_per_key"] == {  # each shard paid with its own key (masked in stats)
+        f"sk-s…{index:04d}": len(shard_ids(index, 4, ids)) for index in range(4)}
     ledgers = sorted(tmp_path.glob("batch.shard-*-of-4.ledger.csv"))
     assert len(ledgers) == 4
     rows = [row for ledger in ledgers for row in read_latest(ledger).values()]
-    assert sorted(row["job_id"] for row in rows) == sorted(f"job-{i}" for i in range(16))
+    assert sorted(row["job_id"] for row in rows) == sorted(ids)
     assert {row["status"] for row in rows} == {"downloaded"}
     assert "sk-shard-" not in done.stdout + done.stderr
+
+
+K8S = REPO / "examples" / "k8s" / "indexed-job.yaml"
+#: The JobSpec and pod failure policy fields the example relies on (batch/v1).
+JOB_SPEC_FIELDS = {"completionMode", "completions", "parallelism", "backoffLimitPerIndex",
+                   "maxFailedIndexes", "podReplacementPolicy", "podFailurePolicy", "template",
+                   "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished"}
+RULE_FIELDS = {"action", "onExitCodes", "onPodConditions"}
+ACTIONS = {"FailJob", "FailIndex", "Ignore", "Count"}
+
+
+def readme_policy() -> dict[int, str]:
+    """Exit code -> podFailurePolicy action, from the README's "Scaling out" table."""
+    section = README.split("## Scaling out", 1)[1].split("\n## ", 1)[0]
+    policy = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 3 and cells[2] in ACTIONS:
+            for code in cells[0].split(","):
+                policy[int(code)] = cells[2]
+    return policy
+
+
+def test_the_kubernetes_example_is_an_indexed_job_with_our_policy() -> None:
+    """The Job parses and has what we rely on; its exit-code rules are the README's table."""
+    from runner.cli import build_parser
+    from runner.errors import (
+        EXIT_API_STOPPED,
+        EXIT_JOBS_FAILED,
+        EXIT_LOCKED,
+        EXIT_SIGINT,
+        EXIT_SIGTERM,
+        EXIT_USAGE,
+    )
+
+    job = yaml.safe_load(K8S.read_text(encoding="utf-8"))
+    assert (job["apiVersion"], job["kind"]) == ("batch/v1", "Job")
+    spec = job["spec"]
+    assert set(spec) <= JOB_SPEC_FIELDS
+    assert spec["completionMode"] == "Indexed"
+    assert 1 <= spec["parallelism"] <= spec["completions"]
+    assert spec["backoffLimitPerIndex"] >= 1  # FailIndex needs it
+    assert spec["podReplacementPolicy"] == "Failed"
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"  # podFailurePolicy needs it
+    (container,) = pod["containers"]
+    rules = spec["podFailurePolicy"]["rules"]
+    policy: dict[int, str] = {}
+    for rule in rules:
+        assert set(rule) <= RULE_FIELDS and rule["action"] in ACTIONS
+        if "onExitCodes" in rule:
+            codes = rule["onExitCodes"]
+            assert codes["containerName"] == container["name"]
+            assert codes["operator"] == "In" and 0 not in codes["values"]
+            policy |= dict.fromkeys(codes["values"], rule["action"])
+        else:
+            assert rule["onPodConditions"] == [{"type": "DisruptionTarget"}]
+            assert rule["action"] == "Ignore"
+    assert policy == {EXIT_USAGE: "FailIndex", EXIT_API_STOPPED: "FailIndex",
+                      EXIT_SIGINT: "Ignore", EXIT_SIGTERM: "Ignore",
+                      EXIT_JOBS_FAILED: "Count", EXIT_LOCKED: "Count"}
+    assert readme_policy() == policy
+
+    # The container's arguments are ours: they parse, shard by the Job's index and count,
+    # and put the ledgers and videos on the PersistentVolume, the key on the Secret.
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    args = [arg.replace("$(JOB_COMPLETION_INDEX)", "1") for arg in container["args"]]
+    os.environ["JOB_COMPLETION_INDEX"] = "1"
+    try:
+        parsed = build_parser().parse_args(args)
+    finally:
+        del os.environ["JOB_COMPLETION_INDEX"]
+    assert parsed.command == "run"
+    assert parsed.shard == Shard(1, spec["completions"])
+    assert "auto/" in " ".join(container["args"])
+    claim = next(name for name, v in volumes.items() if "persistentVolumeClaim" in v)
+    assert Path(parsed.ledger).parent == Path(mounts[claim])
+    assert Path(parsed.out).parent == Path(mounts[claim])
+    secret = next(name for name, v in volumes.items() if "secret" in v)
+    assert Path(parsed.key_file).parent == Path(mounts[secret])
+    assert volumes[secret]["secret"]["defaultMode"] & 0o077 == 0  # no key_file_warning
+    config = next(name for name, v in volumes.items() if "configMap" in v)
+    assert Path(parsed.manifests[0]).parent == Path(mounts[config])
