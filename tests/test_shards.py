@@ -299,7 +299,7 @@ def test_four_concurrent_shards_create_every_job_once(mock_server, spawn, tmp_pa
     assert sorted(job["job_id"] for job in data["jobs"]) == sorted(ids)
     assert data["totals"] == {"downloaded": 40}
     assert len(data["ledgers"]) == 4
-    assert len(list((tmp_path / "videos").iterdir())) == 40
+    assert len([p for p in (tmp_path / "videos").rglob("*") if p.is_file()]) == 40
     status = cli(tmp_path, "status", "batch.shard-*-of-4.ledger.csv", "--base-url", server.url)
     assert status.returncode == 0, status.stderr
     assert status.stdout.splitlines()[-1] == "4 ledgers: 40 downloaded"
