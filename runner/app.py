@@ -216,7 +216,7 @@ async def run(config: RunConfig, console: Console) -> int:
     with ExitStack() as stack:
         ledgers = _open_ledgers(stack, manifests, config, console)
         decisions = [_decide(job, ledgers, config) for job in jobs]
-        _say_elsewhere(decisions, ledgers, console)
+        _say_elsewhere(decisions, ledgers, config, console)
         outcome = Outcome(total=len(jobs))
         selected = _select(decisions, config, prices, outcome, console)
         if not selected and not config.wait:
@@ -335,14 +335,20 @@ def decide_across(
     return replace(decision, reason=f"recorded in other ledger {other}: {decision.reason}")
 
 
-def _say_elsewhere(decisions: Sequence[Decision], ledgers: Ledgers, console: Console) -> None:
+def _say_elsewhere(
+    decisions: Sequence[Decision], ledgers: Ledgers, config: RunConfig, console: Console
+) -> None:
     """Name the other ledgers (another shard count) that hold jobs this run leaves alone."""
     held = Counter(ledgers.elsewhere[d.job.job_id][0] for d in decisions
                    if d.verdict != "submit" and d.job.job_id in ledgers.elsewhere)
     if held:
         where = ", ".join(f"{path} ({n})" for path, n in sorted(held.items()))
+        paths = shlex.join(sorted(held))
+        if not config.mock and config.base_url.rstrip("/") != DEFAULT_BASE_URL:
+            paths += " --base-url " + shlex.quote(config.base_url)
         console.info(f"{held.total()} jobs are recorded in other ledgers of their manifest and "
-                     f"are left to them: {where}")
+                     f"are left to them: {where}\n  hint: 'apimart-batch status {paths} --wait' "
+                     f"and 'apimart-batch download {paths}' collect their videos")
 
 
 def _select(
@@ -547,7 +553,11 @@ def _finish(
     states = Counter((ledgers.newest(job.job_id) or {}).get("status", "not sent") for job in jobs)
     unknown = sorted({j.job_id for j in jobs
                       if (ledgers.newest(j.job_id) or {}).get("status") == "unknown"})
-    code = _exit_code(outcome, states, wait=config.wait)
+    # --wait promises the videos of this run's own jobs: those another ledger holds are
+    # collected through it ('status' and 'download' on that ledger).
+    own = Counter((ledgers.latest.get(job.job_id) or {}).get("status", "not sent")
+                  for job in jobs if job.job_id not in ledgers.elsewhere)
+    code = _exit_code(outcome, states, wait=config.wait, own=own)
     summary = {
         "exit_code": code,
         "jobs": outcome.total,
@@ -582,7 +592,8 @@ def _finish(
     return code
 
 
-def _exit_code(outcome: Outcome, states: Mapping[str, int], *, wait: bool) -> int:
+def _exit_code(outcome: Outcome, states: Mapping[str, int], *, wait: bool,
+               own: Mapping[str, int] | None = None) -> int:
     if outcome.signal is not None:
         return EXIT_SIGTERM if outcome.signal == signal.SIGTERM else EXIT_SIGINT
     if outcome.fatal:
@@ -590,9 +601,9 @@ def _exit_code(outcome: Outcome, states: Mapping[str, int], *, wait: bool) -> in
     # With --wait, the run promised videos on disk: anything short of that needs a rerun.
     unfinished = (POLLABLE_STATES | {"completed"}) if wait else frozenset()
     held = outcome.held_by_budget or outcome.held_by_deadline
+    mine = states if own is None else own
     if held or outcome.halted or outcome.changed or outcome.other_target or any(
-        states.get(s) for s in NEEDS_ACTION | unfinished
-    ):
+        states.get(s) for s in NEEDS_ACTION) or any(mine.get(s) for s in unfinished):
         return EXIT_JOBS_FAILED
     return EXIT_OK
 

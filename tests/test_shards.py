@@ -241,6 +241,26 @@ def test_changing_n_never_sends_a_job_twice(mock_server, tmp_path: Path) -> None
     assert created_once(server)["tasks_created"] == JOBS
 
 
+def test_wait_under_a_new_n_promises_only_its_own_videos(tmp_path: Path) -> None:
+    """run --wait after a change of N: exit 0 once its own videos are on disk; it names the
+    command that collects the jobs another ledger holds."""
+    manifest = write_manifest(tmp_path, JOBS)
+    assert cli(tmp_path, "run", manifest, "--mock", "--shard", "0/3").returncode == 0
+    done = cli(tmp_path, "run", manifest, "--mock", "--shard", "0/2", "--wait",
+               "--interval", "0.2")
+    assert done.returncode == 0, done.stderr
+    mine = read_latest(tmp_path / "batch.mock.shard-0-of-2.ledger.csv")
+    assert set(mine) == shard_ids(0, 2) - shard_ids(0, 3)
+    assert {row["status"] for row in mine.values()} == {"downloaded"}
+    left = len(shard_ids(0, 2) & shard_ids(0, 3))
+    assert f"{left} jobs are recorded in other ledgers of their manifest and are left to " \
+           "them: batch.mock.shard-0-of-3.ledger.csv" in done.stderr
+    assert "hint: 'apimart-batch status batch.mock.shard-0-of-3.ledger.csv --wait'" in done.stderr
+    again = cli(tmp_path, "status", "batch.mock.shard-0-of-3.ledger.csv", "--wait",
+                "--interval", "0.2")
+    assert again.returncode == 0, again.stderr
+
+
 def test_a_job_retried_under_another_n_is_not_sent_again_by_the_first(mock_server,
                                                                        tmp_path: Path) -> None:
     """An 'error' job of N=2, sent by N=3: rerunning N=2 sees the newer row and sends nothing."""
