@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from contextlib import AsyncExitStack, ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -47,9 +47,17 @@ from runner.errors import (
     LedgerError,
     RunnerError,
 )
-from runner.ledger import Ledger, keep_synced, ledger_path, open_ledger
+from runner.ledger import (
+    Ledger,
+    keep_synced,
+    ledger_path,
+    open_ledger,
+    recorded_elsewhere,
+    refuse_other_counts,
+)
 from runner.manifest import Manifest, load_manifests, pricing
 from runner.models import Job
+from runner.shard import Shard
 
 #: The order of the summary's counts: the pipeline's order.
 SUMMARY_ORDER = (
@@ -107,6 +115,7 @@ class RunConfig:
     fail_on_held: bool = False
     #: Hears the summary once it is built (the --healthcheck-url ping sends it).
     on_summary: Callable[[Mapping[str, object]], None] | None = None
+    shard: Shard | None = None
 
 
 def _recorded_base_url(config: RunConfig) -> str:
@@ -125,6 +134,8 @@ class Ledgers:
         self.all = ledgers
         self.latest: dict[str, Mapping[str, str]] = {}
         self.on_row: Callable[[str, str], None] | None = None
+        #: Jobs whose newest row is in another ledger of their family: (that ledger, row).
+        self.elsewhere: dict[str, tuple[str, Mapping[str, str]]] = {}
         for ledger in ledgers:
             self.latest.update(ledger.latest)
 
@@ -133,12 +144,18 @@ class Ledgers:
         ledger = self._by_job[job_id]
         ledger.append(job_id, **fields)
         self.latest[job_id] = ledger.latest[job_id]
+        self.elsewhere.pop(job_id, None)  # from now on its newest row is ours
         if self.on_row is not None:
             self.on_row(job_id, self.latest[job_id]["status"])
 
     def row(self, job_id: str) -> Mapping[str, str] | None:
         """The job's latest row in its own ledger."""
         return self._by_job[job_id].latest.get(job_id)
+
+    def newest(self, job_id: str) -> Mapping[str, str] | None:
+        """The job's newest row in any ledger of its family (``None``: never recorded)."""
+        other = self.elsewhere.get(job_id)
+        return other[1] if other is not None else self.latest.get(job_id)
 
 
 @dataclass
@@ -197,10 +214,12 @@ async def run(config: RunConfig, console: Console) -> int:
     """Submit every job of the manifests that is not done yet; return the exit code."""
     manifests = load_manifests(config.manifests, allow_unknown_models=config.allow_unknown_models)
     prices = pricing.merged_prices(manifests, config.prices)
-    jobs = [job for manifest in manifests for job in manifest.jobs]
+    jobs = [job for manifest in manifests for job in manifest.jobs
+            if config.shard is None or config.shard.holds(job.job_id)]
     with ExitStack() as stack:
         ledgers = _open_ledgers(stack, manifests, config, console)
         decisions = [_decide(job, ledgers, config) for job in jobs]
+        _say_elsewhere(decisions, ledgers, config, console)
         outcome = Outcome(total=len(jobs))
         selected = _select(decisions, config, prices, outcome, console)
         if not selected and not config.wait:
@@ -271,8 +290,8 @@ async def _check_balance(
 def _open_ledgers(
     stack: ExitStack, manifests: Sequence[Manifest], config: RunConfig, console: Console
 ) -> Ledgers:
-    paths = {m.path: ledger_path(m.path, mock=config.mock, override=config.ledger)
-             for m in manifests}
+    paths = {m.path: ledger_path(m.path, mock=config.mock, override=config.ledger,
+                                 shard=config.shard) for m in manifests}
     opened: dict[str, Ledger] = {}
     base_url = _recorded_base_url(config)
     for path in sorted(set(paths.values())):
@@ -287,12 +306,52 @@ def _open_ledgers(
                 console.warn(f"{ledger.path}: job '{job_id}' was being submitted when an earlier "
                              "run stopped; it is now 'unknown' (it may exist and be billed)")
     by_job = {job.job_id: opened[paths[m.path]] for m in manifests for job in m.jobs}
-    return Ledgers(by_job, list(opened.values()))
+    ledgers = Ledgers(by_job, list(opened.values()))
+    for path, ledger in opened.items():
+        # Our ledgers are locked by now: a run of another shard count that starts later
+        # sees them, and one that started earlier is seen here.
+        refuse_other_counts(path, config.shard)
+        ledgers.elsewhere.update(recorded_elsewhere(path, ledger.latest, mock=config.mock))
+    return ledgers
 
 
 def _decide(job: Job, ledgers: Ledgers, config: RunConfig) -> Decision:
-    return decide(job, ledgers.row(job.job_id), resubmit_unknown=config.resubmit_unknown,
-                  resubmit_changed=config.resubmit_changed, retry_failed=config.retry_failed)
+    return decide_across(job, ledgers.row(job.job_id), ledgers.elsewhere.get(job.job_id),
+                         resubmit_unknown=config.resubmit_unknown,
+                         resubmit_changed=config.resubmit_changed,
+                         retry_failed=config.retry_failed)
+
+
+def decide_across(
+    job: Job,
+    row: Mapping[str, str] | None,
+    elsewhere: tuple[str, Mapping[str, str]] | None,
+    **flags: bool,
+) -> Decision:
+    """``decide`` on the job's newest row: its own ledger's ``row``, or the newer one of
+    another ledger of its family (``elsewhere``: that ledger and its row); ``flags`` are
+    ``decide``'s."""
+    other, newest = elsewhere if elsewhere is not None else (None, row)
+    decision = decide(job, newest, **flags)
+    if other is None or decision.verdict == "submit":
+        return decision  # once sent, it is recorded in this run's ledger
+    return replace(decision, reason=f"recorded in other ledger {other}: {decision.reason}")
+
+
+def _say_elsewhere(
+    decisions: Sequence[Decision], ledgers: Ledgers, config: RunConfig, console: Console
+) -> None:
+    """Name the other ledgers (another shard count) that hold jobs this run leaves alone."""
+    held = Counter(ledgers.elsewhere[d.job.job_id][0] for d in decisions
+                   if d.verdict != "submit" and d.job.job_id in ledgers.elsewhere)
+    if held:
+        where = ", ".join(f"{path} ({n})" for path, n in sorted(held.items()))
+        paths = shlex.join(sorted(held))
+        if not config.mock and config.base_url.rstrip("/") != DEFAULT_BASE_URL:
+            paths += " --base-url " + shlex.quote(config.base_url)
+        console.info(f"{held.total()} jobs are recorded in other ledgers of their manifest and "
+                     f"are left to them: {where}\n  hint: 'apimart-batch status {paths} --wait' "
+                     f"and 'apimart-batch download {paths}' collect their videos")
 
 
 def _select(
@@ -500,10 +559,15 @@ def _finish(
 ) -> int:
     for ledger in ledgers.all:
         ledger.sync()
-    states = Counter(ledgers.latest.get(job.job_id, {}).get("status", "not sent") for job in jobs)
+    states = Counter((ledgers.newest(job.job_id) or {}).get("status", "not sent") for job in jobs)
     unknown = sorted({j.job_id for j in jobs
-                      if ledgers.latest.get(j.job_id, {}).get("status") == "unknown"})
-    code = _exit_code(outcome, states, wait=config.wait, fail_on_held=config.fail_on_held)
+                      if (ledgers.newest(j.job_id) or {}).get("status") == "unknown"})
+    # --wait promises the videos of this run's own jobs: those another ledger holds are
+    # collected through it ('status' and 'download' on that ledger).
+    own = Counter((ledgers.latest.get(job.job_id) or {}).get("status", "not sent")
+                  for job in jobs if job.job_id not in ledgers.elsewhere)
+    code = _exit_code(outcome, states, wait=config.wait, own=own,
+                      fail_on_held=config.fail_on_held)
     summary = {
         "exit_code": code,
         "jobs": outcome.total,
@@ -513,7 +577,7 @@ def _finish(
         "unknown": unknown,
         "needs_action": needs_action(
             [{**row, "manifest": job.manifest} for job in jobs
-             if (row := ledgers.latest.get(job.job_id)) is not None],
+             if (row := ledgers.newest(job.job_id)) is not None],
             {job.job_id: job.line for job in jobs},
         ),
         "held_by_max_jobs": outcome.held_by_max_jobs,
@@ -539,7 +603,7 @@ def _finish(
 
 
 def _exit_code(outcome: Outcome, states: Mapping[str, int], *, wait: bool,
-               fail_on_held: bool) -> int:
+               fail_on_held: bool, own: Mapping[str, int] | None = None) -> int:
     if outcome.signal is not None:
         return EXIT_SIGTERM if outcome.signal == signal.SIGTERM else EXIT_SIGINT
     if outcome.fatal:
@@ -550,9 +614,9 @@ def _exit_code(outcome: Outcome, states: Mapping[str, int], *, wait: bool,
     # the deadline is not a choice of how much to send, so what it left is unfinished.
     held = outcome.held_by_deadline or (
         fail_on_held and (outcome.held_by_budget or outcome.held_by_max_jobs))
+    mine = states if own is None else own
     if held or outcome.halted or outcome.changed or outcome.other_target or any(
-        states.get(s) for s in NEEDS_ACTION | unfinished
-    ):
+        states.get(s) for s in NEEDS_ACTION) or any(mine.get(s) for s in unfinished):
         return EXIT_JOBS_FAILED
     return EXIT_OK
 
@@ -615,7 +679,7 @@ def _print_summary(
             ledger = shlex.quote(str(ledgers.all[0].path))
             console.warn(f"... and {len(named) - _NAMED} more {state} jobs: "
                          f"apimart-batch report {ledger} lists them all")
-    rows = [row for job in jobs if (row := ledgers.latest.get(job.job_id)) is not None]
+    rows = [row for job in jobs if (row := ledgers.newest(job.job_id)) is not None]
     hint = regenerate_hint(rows, ledger=config.ledger, mock=config.mock,
                            base_url=config.base_url)
     if hint:

@@ -15,18 +15,38 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from runner import __version__, emulator, report
 from runner.api import DEFAULT_BASE_URL, RetryPolicy, Secret, api_key_from_env, key_file_warning
-from runner.app import HALT_SAMPLE, HaltAfter, RunConfig
+from runner.app import HALT_SAMPLE, HaltAfter, RunConfig, decide_across
 from runner.app import run as run_jobs
 from runner.console import Console
-from runner.engine import LedgerConfig, PollTiming, decide, run_download, run_status
-from runner.errors import ApiError, LedgerError, ManifestError, RunnerError, UsageError
+from runner.engine import LedgerConfig, PollTiming, run_download, run_status, write_json
+from runner.errors import (
+    EXIT_API_STOPPED,
+    EXIT_JOBS_FAILED,
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    ApiError,
+    LedgerError,
+    ManifestError,
+    RunnerError,
+    UsageError,
+)
 from runner.healthcheck import Summary, pinged
-from runner.ledger import ledger_is_mock, ledger_path, read_latest
+from runner.ledger import (
+    expand_ledgers,
+    family,
+    ledger_is_mock,
+    ledger_path,
+    read_latest,
+    recorded_elsewhere,
+)
 from runner.manifest import (
     bundled_schema,
     diagnostics_document,
@@ -37,6 +57,7 @@ from runner.manifest import (
     schema_dir,
 )
 from runner.report import models_listing, render_models
+from runner.shard import INDEX_VARIABLE, Shard, parse_shard
 
 #: The manifest schema with only file-local $refs: what editors can load.
 EDITOR_SCHEMA = "manifest.editor.schema.json"
@@ -52,7 +73,8 @@ exit codes:
   2    invalid usage, manifest or ledger: nothing was sent (or, if the ledger
        became unwritable mid-run, nothing more; the message names any task id)
   3    stopped by the API: key, permission or balance (or the balance check)
-  75   the ledger is in use by another run
+  75   the ledger is in use by another run (with --shard: or a sibling ledger, by a
+       run of another shard count)
   141  stdout was closed early (e.g. '| head'); what was recorded stays recorded
   130  interrupted (SIGINT); 143: terminated (SIGTERM). In-flight requests finish
        and are recorded; a second signal aborts at once
@@ -148,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ledger to compare with (default: beside the manifest)")
     p.add_argument("--mock", action="store_true", help="compare with the --mock ledger")
     _add_retry_failed_flag(p)
+    _add_shard_flag(p)
     p.add_argument("--balance", action="store_true",
                    help="also read the account balance (GET /v1/balance; needs the key) and "
                         "compare it with the estimate")
@@ -206,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not read the balance before sending (by default a run whose "
                         "estimate exceeds it is refused; a failed lookup only warns)")
     _add_price_flag(p)
+    _add_shard_flag(p)
     _add_target_flags(p)
     _add_output_flags(p)
     _add_summary_flags(p)
@@ -214,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_media_flags(p)
     p.set_defaults(func=cmd_run)
 
-    p = command("status", "Poll unfinished tasks of a ledger and record their state.")
-    p.add_argument("ledger", metavar="LEDGER")
+    p = command("status", "Poll unfinished tasks of ledgers and record their state.")
+    _add_ledgers_argument(p)
+    _add_shard_flag(p, ledger=True)
     p.add_argument("--wait", action="store_true", help="keep polling until every task ends")
     p.add_argument("-j", "--concurrency", type=_concurrency, default=8, metavar="N",
                    help="requests in flight at most (default 8)")
@@ -225,8 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_summary_flags(p)
     p.set_defaults(func=cmd_status)
 
-    p = command("download", "Download every completed video of a ledger not yet on disk.")
-    p.add_argument("ledger", metavar="LEDGER")
+    p = command("download", "Download every completed video of ledgers not yet on disk.")
+    _add_ledgers_argument(p)
+    _add_shard_flag(p, ledger=True)
     p.add_argument("-j", "--concurrency", type=_concurrency, default=4, metavar="N",
                    help="downloads at once (default 4)")
     _add_media_flags(p, poll=False)
@@ -235,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_summary_flags(p)
     p.set_defaults(func=cmd_download)
 
-    p = command("report", "Summarise a ledger: one row per job, totals, costs, next steps.")
-    p.add_argument("ledger", metavar="LEDGER")
+    p = command("report", "Summarise ledgers: one row per job, totals, costs, next steps.")
+    _add_ledgers_argument(p)
     p.add_argument("--format", choices=("table", "csv", "json", "html"), default="table",
                    help="a table for people (default), CSV / JSON for programs, or html: a "
                         "self-contained page to review the videos in a browser")
@@ -258,6 +284,23 @@ def _add_retry_failed_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-failed", action="store_true",
                    help="buy again the jobs whose task failed or was cancelled, or whose link "
                         "expired before download: a new take, a new Idempotency-Key")
+
+
+def _add_shard_flag(p: argparse.ArgumentParser, *, ledger: bool = False) -> None:
+    what = ("only the jobs of shard I of N (by a stable hash of the job id) of these ledgers"
+            if ledger else
+            "only the jobs of shard I of N (by a stable hash of the job id), recorded in "
+            "<stem>.shard-I-of-N.ledger.csv; jobs recorded in another ledger of the manifest "
+            "are never sent again")
+    p.add_argument("--shard", type=_shard, metavar="I/N",
+                   help=f"{what}; auto/N takes I from ${INDEX_VARIABLE} (Kubernetes Indexed "
+                        "Jobs)")
+
+
+def _add_ledgers_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ledgers", nargs="+", metavar="LEDGER",
+                   help="ledger CSV files, or quoted glob patterns ('m.*ledger.csv'): "
+                        "one merged view")
 
 
 def _add_unknown_model_flag(p: argparse.ArgumentParser) -> None:
@@ -363,15 +406,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """``plan``: the expanded jobs, totals and the estimated cost; no network but --balance."""
     manifests = load_manifests(args.manifests, allow_unknown_models=args.allow_unknown_model)
     prices = pricing.merged_prices(manifests, _prices(args.price))
+    if args.shard is not None:
+        manifests = [replace(m, jobs=tuple(j for j in m.jobs if args.shard.holds(j.job_id)))
+                     for m in manifests]
     skipped: dict[str, str] = {}
     takes: dict[str, int] = {}
     for manifest in manifests:
-        path = ledger_path(manifest.path, mock=args.mock, override=args.ledger)
-        if not Path(path).exists():
-            continue
-        latest = read_latest(path)
+        path = ledger_path(manifest.path, mock=args.mock, override=args.ledger, shard=args.shard)
+        latest = read_latest(path) if Path(path).exists() else {}
+        elsewhere = recorded_elsewhere(path, latest, mock=args.mock)
         for job in manifest.jobs:
-            decision = decide(job, latest.get(job.job_id), retry_failed=args.retry_failed)
+            found = elsewhere.get(job.job_id)
+            if found is None and job.job_id not in latest:
+                continue
+            decision = decide_across(job, latest.get(job.job_id), found,
+                                     retry_failed=args.retry_failed)
             if decision.verdict != "submit":
                 skipped[job.job_id] = decision.reason
             elif decision.job.take > 1:
@@ -477,6 +526,7 @@ def _run(args: argparse.Namespace, console: Console, keep: Summary | None) -> in
         timing=_timing(args, mock=args.mock),
         fail_on_held=args.fail_on_held,
         on_summary=keep,
+        shard=args.shard,
     )
     code = asyncio.run(run_jobs(config, console))
     if args.wait:
@@ -492,11 +542,16 @@ def _review_page(args: argparse.Namespace, ledgers: Sequence[str], console: Cons
     """
     if args.no_html:
         return
+    # One page per manifest: a shard's page shows every ledger of its family.
+    pages: dict[Path, list[str]] = {}
     for ledger in ledgers:
-        if not Path(ledger).is_file():
+        kin = pages.setdefault(report.default_page(ledger, args.out), [])
+        kin += [member for member in family(ledger) or [ledger] if member not in kin]
+    for page, kin in pages.items():
+        if not kin or not Path(kin[0]).is_file():
             continue
         try:
-            page = report.write_html([ledger], report.default_page(ledger, args.out))
+            page = report.write_html(kin, page)
         except RunnerError as exc:
             console.warn(str(exc))
             continue
@@ -504,58 +559,106 @@ def _review_page(args: argparse.Namespace, ledgers: Sequence[str], console: Cons
             print(f"review page: {page}")
 
 
-def _ledger_config(args: argparse.Namespace, console: Console,
-                   keep: Summary | None = None) -> LedgerConfig:
+def _ledger_configs(args: argparse.Namespace, console: Console) -> list[LedgerConfig]:
+    """One ``LedgerConfig`` per ledger argument (globs expanded), sharing one key and clock."""
     # A --mock ledger needs no key: its tasks live in the built-in emulator. Downloads need
     # none either (video links are signed URLs, fetched without an Authorization header),
     # but with one, an expired link can be asked for again.
-    mock = ledger_is_mock(args.ledger)
+    ledgers = expand_ledgers(args.ledgers)
+    mocks = {ledger: ledger_is_mock(ledger) for ledger in ledgers}
     polls = hasattr(args, "interval")
-    key = None if mock else _api_key(args, console, required=polls)
-    return LedgerConfig(
-        ledger=args.ledger,
-        api_key=key,
+    key = _api_key(args, console, required=polls) if not all(mocks.values()) else None
+    timings = {mock: _timing(args, mock=mock) if polls else PollTiming() for mock in (False, True)}
+    base = LedgerConfig(
+        ledger="",
         base_url=_base_url(args.base_url),
         concurrency=args.concurrency,
-        timing=_timing(args, mock=mock) if polls else PollTiming(),
         out=getattr(args, "out", "videos"),
         wait=getattr(args, "wait", False),
-        summary_json=_summary_path(args),
-        on_summary=keep,
+        select=args.shard.holds if args.shard is not None else None,
     )
+    return [replace(base, ledger=ledger, api_key=None if mocks[ledger] else key,
+                    timing=timings[mocks[ledger]]) for ledger in ledgers]
+
+
+def _each_ledger(
+    args: argparse.Namespace,
+    command: Callable[[LedgerConfig, Console], Coroutine[object, object, int]],
+) -> int:
+    """Run ``status`` or ``download`` on each ledger in turn; the gravest exit code wins.
+
+    Around them: the --healthcheck-url pings, one --summary-json (each ledger's summary, and
+    with several ledgers a merged one) and, after ``download``, each ledger's review page.
+    """
+    console = Console(quiet=args.quiet, json_lines=args.log_format == "json")
+
+    def each(keep: Summary | None) -> int:
+        configs = _ledger_configs(args, console)
+        documents: list[Mapping[str, object]] = []
+        path = _summary_path(args)
+        one = len(configs) == 1
+        codes = []
+        for config in configs:
+            config = replace(config, summary_json=path if one else None,
+                             on_summary=keep if one else documents.append)
+            code = asyncio.run(command(config, console))
+            if code in (EXIT_SIGINT, EXIT_SIGTERM):
+                return code  # interrupted: the ledgers after this one are left for a rerun
+            codes.append(code)
+        worst = max(codes, key=_GRAVITY.index)
+        if not one:
+            needs: list[object] = []
+            for document in documents:
+                found = document.get("needs_action")
+                needs += found if isinstance(found, list) else []
+            merged = {"exit_code": worst, "ledgers": documents, "needs_action": needs}
+            if path:
+                write_json(path, merged, console)
+            if keep is not None:
+                keep(merged)
+        if not one and not args.quiet:
+            states = Counter(row.get("status", "") for config in configs
+                             for job_id, row in read_latest(config.ledger).items()
+                             if config.select is None or config.select(job_id))
+            summary = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+            print(f"{len(configs)} ledgers: {summary or 'no jobs'}")
+        if command is run_download:
+            _review_page(args, [config.ledger for config in configs], console)
+        return worst
+
+    return pinged(args.healthcheck_url, console, each)
+
+
+#: Exit codes of ``status`` and ``download`` from the least to the most grave.
+_GRAVITY = (EXIT_OK, EXIT_JOBS_FAILED, EXIT_API_STOPPED)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """``status``: poll a ledger's unfinished tasks."""
-    console = Console(quiet=args.quiet, json_lines=args.log_format == "json")
-    return pinged(args.healthcheck_url, console, lambda keep: asyncio.run(
-        run_status(_ledger_config(args, console, keep), console)))
+    """``status``: poll the ledgers' unfinished tasks."""
+    return _each_ledger(args, run_status)
 
 
 def cmd_download(args: argparse.Namespace) -> int:
     """``download``: fetch completed videos."""
-    console = Console(quiet=args.quiet, json_lines=args.log_format == "json")
-    def download(keep: Summary | None) -> int:
-        code = asyncio.run(run_download(_ledger_config(args, console, keep), console))
-        _review_page(args, [args.ledger], console)
-        return code
-
-    return pinged(args.healthcheck_url, console, download)
+    return _each_ledger(args, run_download)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """``report``: the collapsed ledger and next steps."""
-    if not Path(args.ledger).is_file():
-        msg = f"{args.ledger}: no such ledger"
-        raise LedgerError(msg)
+    """``report``: the collapsed ledgers (merged into one view) and next steps."""
+    ledgers = expand_ledgers(args.ledgers)
+    for ledger in ledgers:
+        if not Path(ledger).is_file():
+            msg = f"{ledger}: no such ledger"
+            raise LedgerError(msg)
     if args.format == "html":
-        page = report.write_html([args.ledger], Path(args.out) if args.out else None)
+        page = report.write_html(ledgers, Path(args.out) if args.out else None)
         print(page)
         return 0
     if args.out:
         msg = "report: --out goes with --format html (the other formats print to stdout)"
         raise UsageError(msg)
-    built = report.build_report(args.ledger, warn=Console(quiet=True).warn)
+    built = report.build_report(ledgers[0] if len(ledgers) == 1 else ledgers,
+                                warn=Console(quiet=True).warn)
     render = {"table": report.render_table, "csv": report.render_csv, "json": report.render_json}
     print(render[args.format](built))
     return 0
@@ -681,6 +784,13 @@ def _halt_after(text: str) -> HaltAfter | None:
         msg = f"must be a number of jobs (e.g. 20), a share (e.g. 50%) or 'off', got '{text}'"
         raise argparse.ArgumentTypeError(msg)
     return HaltAfter(share=value / 100) if share else HaltAfter(count=int(value))
+
+
+def _shard(text: str) -> Shard:
+    try:
+        return parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _money(text: str) -> float:

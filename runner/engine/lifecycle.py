@@ -194,6 +194,8 @@ class LedgerConfig:
     summary_json: str | None = None
     #: Hears the summary once it is built (the --healthcheck-url ping sends it).
     on_summary: Callable[[Mapping[str, object]], None] | None = None
+    #: Only the jobs whose id it accepts (``--shard``); None: every job of the ledger.
+    select: Callable[[str], bool] | None = None
 
 
 async def run_status(config: LedgerConfig, console: Console) -> int:
@@ -227,7 +229,9 @@ async def _on_ledger(config: LedgerConfig, console: Console, *, poll: bool, down
                           on_error=partial(warn_unforeseen, console),
                           refresh=mock or bool(key.reveal()), verify=download,
                           jobs=len(ledger.latest))
-            skipped = media.resume(list(ledger.latest))
+            chosen = [job_id for job_id in ledger.latest
+                      if config.select is None or config.select(job_id)]
+            skipped = media.resume(chosen)
             warn_other_targets(skipped, target, console, "polled" if poll else "downloaded")
             media.poller.close()  # nothing else will be added: the pollers end when it drains
             console.start_progress(tally)
@@ -243,7 +247,7 @@ async def _on_ledger(config: LedgerConfig, console: Console, *, poll: bool, down
             console.end_progress()
         counts = media.counts()
         ledger.sync()
-        rows = list(ledger.latest.values())
+        rows = [ledger.latest[job_id] for job_id in chosen]
         states = Counter(row.get("status", "") for row in rows)
     summary = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
     if not console.quiet:

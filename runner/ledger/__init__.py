@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from runner.ledger.family import (
+    OtherShardCountError,
+    expand_ledgers,
+    family,
+    recorded_elsewhere,
+    refuse_other_counts,
+)
 from runner.ledger.store import (
     COLUMNS,
     STATUSES,
@@ -20,12 +27,17 @@ __all__ = [
     "COLUMNS",
     "STATUSES",
     "Ledger",
+    "OtherShardCountError",
     "Recorder",
+    "expand_ledgers",
+    "family",
     "iter_rows",
     "keep_synced",
     "ledger_is_mock",
     "ledger_path",
     "open_ledger",
     "read_latest",
+    "recorded_elsewhere",
+    "refuse_other_counts",
     "write_csv",
 ]

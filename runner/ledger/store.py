@@ -88,6 +88,7 @@ from types import MappingProxyType
 from typing import BinaryIO, Final, Protocol, Self
 
 from runner.errors import LedgerError, LedgerLockedError
+from runner.shard import Shard, shard_ledger_path
 
 COLUMNS: Final = (
     "time", "job_id", "status", "task_id", "attempts", "http_status", "error",
@@ -202,12 +203,17 @@ def _line(row: Mapping[str, str], header: Iterable[str]) -> bytes:
     return _encode(escape_cell(values.get(name, "")) for name in header)
 
 
-def ledger_path(manifest: str, *, mock: bool, override: str | None = None) -> str:
-    """The ledger a manifest's rows go to: ``<stem>[.mock].ledger.csv`` beside it."""
-    if override:
-        return override
+def ledger_path(
+    manifest: str, *, mock: bool, override: str | None = None, shard: Shard | None = None
+) -> str:
+    """The ledger a manifest's rows go to: ``<stem>[.mock].ledger.csv`` beside it.
+
+    With a shard, its tag goes before the ending: ``<stem>.shard-I-of-N.ledger.csv``
+    (also in an ``override``: ``--ledger L.csv --shard 1/4`` writes ``L.shard-1-of-4.csv``).
+    """
     path = Path(manifest)
-    return str(path.with_name(path.stem + (".mock" if mock else "") + ".ledger.csv"))
+    base = override or str(path.with_name(path.stem + (".mock" if mock else "") + ".ledger.csv"))
+    return base if shard is None else shard_ledger_path(base, shard)
 
 
 class Recorder(Protocol):

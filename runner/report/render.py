@@ -11,7 +11,7 @@ import textwrap
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from runner.api import DEFAULT_BASE_URL
@@ -20,6 +20,7 @@ from runner.ledger import COLUMNS, ledger_path, read_latest, write_csv
 from runner.manifest import load_catalog, pricing
 from runner.models import Job
 from runner.report.html import tags
+from runner.shard import family_base, ledger_shard
 
 EXPIRING_WITHIN = 24 * 3600.0
 #: The table's fixed columns (name, width); each job's error follows them in full.
@@ -40,9 +41,12 @@ _DECIMAL = re.compile(r"-?[0-9]{1,18}(\.[0-9]{1,18})?([eE][-+]?[0-9]{1,3})?")
 
 @dataclass(frozen=True, slots=True)
 class Report:
-    """The collapsed ledger and what it means."""
+    """The collapsed ledger (or ledgers, merged) and what it means.
 
-    ledger: str
+    ``ledger`` is the one ledger read, or None when ``ledgers`` holds several.
+    """
+
+    ledger: str | None
     rows: Sequence[Mapping[str, str]]
     totals: Mapping[str, int]
     estimated_usd: float
@@ -50,17 +54,42 @@ class Report:
     expiring: Sequence[str]
     next_steps: Sequence[str]
     unpriced: int = 0
+    ledgers: Sequence[str] = ()
 
 
 def build_report(
-    ledger: str, *, now: float | None = None, warn: Callable[[str], None] | None = None
+    ledger: str | Sequence[str], *, now: float | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Report:
-    """Read ``ledger`` (without locking it) and summarise it.
+    """Read ``ledger`` (or several, merged; without locking them) and summarise it.
 
-    ``warn`` receives the ledger's harmless oddities (hand edits that change no decision).
+    Merged, a job (a job id of a manifest) is its newest row in any of the ledgers, as a
+    run of another shard count sees it; the next steps are given per ledger. ``warn``
+    receives the ledgers' harmless oddities (hand edits that change no decision).
     """
     now = time.time() if now is None else now
-    rows = list(read_latest(ledger, warn).values())
+    if not isinstance(ledger, str) and len(ledger) == 1:
+        ledger = ledger[0]
+    if isinstance(ledger, str):
+        return _report(ledger, list(read_latest(ledger, warn).values()), now)
+    newest: dict[tuple[str, str], tuple[str, dict[str, str]]] = {}
+    for path in ledger:
+        for job_id, row in read_latest(path, warn).items():
+            key = (row.get("manifest", ""), job_id)
+            if key not in newest or row.get("time", "") > newest[key][1].get("time", ""):
+                newest[key] = (path, row)
+    rows = [row for _, row in newest.values()]
+    merged = _report(None, rows, now, ledgers=ledger)
+    steps = []
+    for path in ledger:
+        mine = [row for where, row in newest.values() if where == path]
+        mine_totals = Counter(row.get("status", "") for row in mine)
+        steps += [f"{path}: {step}" for step in _next_steps(path, mine, mine_totals, now)]
+    return replace(merged, next_steps=steps)
+
+
+def _report(ledger: str | None, rows: list[dict[str, str]], now: float, *,
+            ledgers: Sequence[str] = ()) -> Report:
     totals = Counter(row.get("status", "") for row in rows)
     estimates = [_estimate(row) for row in rows if row.get("task_id")]
     estimated = sum(cost for cost in estimates if cost is not None)
@@ -68,8 +97,9 @@ def build_report(
     reported = sum(_float(row.get("cost", "")) for row in rows)
     expiring = [row["job_id"] for row in rows if row.get("status") == "completed"
                 and (exp := expires_ts(row)) is not None and now < exp <= now + EXPIRING_WITHIN]
-    return Report(ledger, rows, dict(totals), estimated, reported, expiring,
-                  _next_steps(ledger, rows, totals, now), unpriced)
+    steps = _next_steps(ledger, rows, totals, now) if ledger is not None else []
+    return Report(ledger, rows, dict(totals), estimated, reported, expiring, steps, unpriced,
+                  ledgers=(ledger,) if ledger is not None else tuple(ledgers))
 
 
 def _next_steps(
@@ -120,9 +150,13 @@ def _run_command(ledger: str, manifests: Sequence[str], *, mock: bool) -> str:
     words = ["apimart-batch", "run", *(manifests or ["MANIFEST"])]
     if mock:
         words.append("--mock")
-    beside = len(manifests) == 1 and _same_file(ledger_path(manifests[0], mock=mock), ledger)
+    shard = ledger_shard(ledger)
+    beside = len(manifests) == 1 and _same_file(
+        ledger_path(manifests[0], mock=mock, shard=shard), ledger)
     if manifests and not beside:
-        words += ["--ledger", ledger]
+        words += ["--ledger", family_base(ledger) if shard is not None else ledger]
+    if shard is not None:
+        words += ["--shard", str(shard)]
     return shlex.join(words)
 
 
@@ -237,7 +271,8 @@ def render_json(report: Report) -> str:
     no such cell).
     """
     return json.dumps({
-        "ledger": report.ledger, "jobs": [_typed(row) for row in report.rows],
+        "ledger": report.ledger, "ledgers": list(report.ledgers),
+        "jobs": [_typed(row) for row in report.rows],
         "totals": report.totals,
         "estimated_usd": round(report.estimated_usd, 2),
         "unpriced_jobs": report.unpriced,
