@@ -319,7 +319,8 @@ def test_four_concurrent_shards_create_every_job_once(mock_server, spawn, tmp_pa
     assert sorted(job["job_id"] for job in data["jobs"]) == sorted(ids)
     assert data["totals"] == {"downloaded": 40}
     assert len(data["ledgers"]) == 4
-    assert len([p for p in (tmp_path / "videos").rglob("*") if p.is_file()]) == 40
+    assert len(list((tmp_path / "videos").rglob("*.mp4"))) == 40
+    assert [p.name for p in (tmp_path / "videos").rglob("*.html")] == ["report.html"]  # one page
     status = cli(tmp_path, "status", "batch.shard-*-of-4.ledger.csv", "--base-url", server.url)
     assert status.returncode == 0, status.stderr
     assert status.stdout.splitlines()[-1] == "4 ledgers: 40 downloaded"
@@ -339,7 +340,8 @@ def test_status_and_download_take_several_ledgers_and_a_shard(mock_server, tmp_p
     assert done.stdout.splitlines()[-1] == f"2 ledgers: {JOBS} completed"
     fetch = cli(tmp_path, "download", "batch.shard-*", "--shard", "1/3", "--base-url", server.url)
     assert fetch.returncode == 0, fetch.stderr  # the shard's videos are all on disk
-    assert fetch.stdout.splitlines()[-1] == f"2 ledgers: {len(shard_ids(1, 3))} downloaded"
+    assert fetch.stdout.splitlines()[-2:] == [f"2 ledgers: {len(shard_ids(1, 3))} downloaded",
+                                              "review page: videos/batch/report.html"]
     fetched = {row["job_id"] for ledger in ledgers
                for row in read_latest(tmp_path / ledger).values()
                if row["status"] == "downloaded"}
