@@ -182,6 +182,8 @@ class Limiter:
         A set ``stop`` ends every wait at once with Stopped: a stopped run starts nothing.
         """
         stopped = stop.is_set if stop is not None else lambda: False
+        # A hold outlives a request its policy gave up on: this task's next request (another
+        # job's) waits it out too, as the server asked of this client.
         hold = _HOLD.get()
         if hold is not None and hold[0] is self._token:
             _HOLD.set(None)
