@@ -139,6 +139,16 @@ class Faults:
         return self._rng.lognormvariate(math.log(median), self.config.latency_jitter)
 
     def _rate_limited(self, route: str) -> bool:
+        """Whether the rate limit refuses this request: a token bucket, not a fixed window.
+
+        The bucket holds one second's worth of requests (``rate_limit_rps``, at least 1),
+        starts full and refills at ``rate_limit_rps`` per second; each admitted request
+        takes a token, and one that finds none is refused (429, with the configured
+        ``Retry-After``: a fixed value, not the time until the next token). APIMart
+        documents neither its limits, nor their algorithm, nor whether it sends
+        ``Retry-After`` (apimart-api.md 4.4): this is a model of a common limiter, not
+        APIMart's.
+        """
         rps = self.config.rate_limit_rps
         if rps is None or (self.config.rate_limit_scope == "submit" and route != "submit"):
             return False
