@@ -104,7 +104,7 @@ def task_of(srv, row: dict[str, str]) -> list[str]:
 
 
 class SpyLimiter(Limiter):
-    """A Limiter that remembers every instance and the lowest adaptive limit it reached."""
+    """A Limiter that remembers every instance and the lowest concurrency limit it reached."""
 
     made: ClassVar[list[SpyLimiter]] = []
 
@@ -159,8 +159,8 @@ async def test_rate_spaces_request_starts(emulator, tmp_path, monkeypatch):
     assert sorted(waits) == pytest.approx([0.5, 1.0, 1.5, 2.0])
 
 
-async def test_429_halves_concurrency_then_recovers(emulator, tmp_path, spy_limiter):
-    """Two 429s halve the adaptive limit to 1, every job still ends submitted, the limit regrows."""
+async def test_429_slows_the_pace_never_the_concurrency(emulator, tmp_path, spy_limiter):
+    """Two 429s of requests sent together cut the pace once; concurrency stays; all submitted."""
     srv = await emulator()
     srv.emulator.script_submit(["429", "429"])
     result = await run_batch(srv, write_manifest(tmp_path, lake(4)), concurrency=2)
@@ -170,7 +170,8 @@ async def test_429_halves_concurrency_then_recovers(emulator, tmp_path, spy_limi
     assert submits(srv) == 6
     assert srv.emulator.stats()["tasks_created"] == 4
     assert sum(int(row["attempts"]) for row in result.rows.values()) == 6
-    assert (limiter.throttles, limiter.lowest, limiter.limit) == (2, 1, 2)
+    assert (limiter.throttles, limiter.cuts, limiter.lowest, limiter.limit) == (2, 1, 2, 2)
+    assert limiter.learned is not None
 
 
 # -- failure classes -----------------------------------------------------------------------
