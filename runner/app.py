@@ -50,6 +50,8 @@ from runner.errors import (
 )
 from runner.ledger import Ledger, keep_synced, ledger_path, open_ledger
 from runner.manifest import Manifest, load_manifests, pricing
+from runner.models import HALT_SAMPLE as HALT_SAMPLE  # importers of runner.app find them here
+from runner.models import HaltAfter as HaltAfter
 from runner.models import Job
 
 #: The order of the summary's counts: the pipeline's order.
@@ -61,22 +63,6 @@ SUMMARY_ORDER = (
 )  # fmt: skip
 #: How many jobs of one state the summary names before it gives a count and a command.
 _NAMED = 5
-#: Failed or rejected outcomes this run must see before a share can halt it.
-HALT_SAMPLE = 10
-
-
-@dataclass(frozen=True, slots=True)
-class HaltAfter:
-    """``--halt-after``: stop submitting after ``count`` failed or rejected jobs of this
-    run, or once ``share`` of the jobs sent this run (at least ``HALT_SAMPLE``) did."""
-
-    count: int | None = None
-    share: float | None = None
-
-    def __str__(self) -> str:
-        return f"{self.count}" if self.count is not None else f"{(self.share or 0) * 100:g}%"
-
-
 @dataclass(frozen=True, slots=True)
 class RunConfig:
     """Everything ``run`` needs, parsed and checked by the CLI."""

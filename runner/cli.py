@@ -8,7 +8,6 @@ bad input never ends in a traceback.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -17,25 +16,18 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from runner import __version__, emulator, report
+from runner import __version__, emulator
 from runner.api import DEFAULT_BASE_URL, RetryPolicy, Secret, api_key_from_env, key_file_warning
-from runner.app import HALT_SAMPLE, HaltAfter, RunConfig
-from runner.app import run as run_jobs
-from runner.console import Console
-from runner.engine import LedgerConfig, PollTiming, decide, run_download, run_status
 from runner.errors import ApiError, LedgerError, ManifestError, RunnerError, UsageError
-from runner.ledger import ledger_is_mock, ledger_path, read_latest
-from runner.manifest import (
-    bundled_schema,
-    diagnostics_document,
-    load_catalog,
-    load_manifests,
-    pricing,
-    problem_count,
-    schema_dir,
-)
-from runner.report import models_listing, render_models
+from runner.models import HALT_SAMPLE, HaltAfter
+
+# Each command imports the stages it uses, so that --help, validate, plan and report never
+# load aiohttp, and --help no jsonschema (tests/test_cli.py checks the first).
+if TYPE_CHECKING:
+    from runner.console import Console
+    from runner.engine import LedgerConfig, PollTiming
 
 #: The manifest schema with only file-local $refs: what editors can load.
 EDITOR_SCHEMA = "manifest.editor.schema.json"
@@ -92,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except ManifestError as exc:
+        from runner.manifest import problem_count
+
         for d in exc.diagnostics:
             _fail(args, str(d), file=d.file, line=d.line, col=d.col)
         count = problem_count(exc.diagnostics)
@@ -277,6 +271,8 @@ def _add_media_flags(p: argparse.ArgumentParser, *, out: bool = True, poll: bool
 
 
 def _timing(args: argparse.Namespace, *, mock: bool) -> PollTiming:
+    from runner.engine import PollTiming
+
     # The emulator's tasks take seconds, not minutes: poll it briskly.
     interval = args.interval or (2.0 if mock else 30.0)
     deadline = time.monotonic() + args.deadline if args.deadline else None
@@ -307,6 +303,8 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """``validate``: one line per valid file (or JSON); ManifestError otherwise."""
+    from runner.manifest import diagnostics_document, load_manifests
+
     try:
         manifests = load_manifests(args.manifests,
                                    allow_unknown_models=args.allow_unknown_model)
@@ -328,6 +326,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """``plan``: the expanded jobs, totals and the estimated cost; no network but --balance."""
+    from runner import report
+    from runner.engine import decide
+    from runner.ledger import ledger_path, read_latest
+    from runner.manifest import load_manifests, pricing
+
     manifests = load_manifests(args.manifests, allow_unknown_models=args.allow_unknown_model)
     prices = pricing.merged_prices(manifests, _prices(args.price))
     skipped: dict[str, str] = {}
@@ -362,6 +365,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _plan_balance(args: argparse.Namespace) -> dict[str, float | None] | str:
     """The balance for ``plan --balance``, or why it could not be read (never an error)."""
+    import asyncio
+
+    from runner.console import Console
+
     console = Console(quiet=True)
     key = _api_key(args, console)
     from runner.api import Client  # aiohttp loads only when a command uses the network
@@ -379,6 +386,8 @@ def _plan_balance(args: argparse.Namespace) -> dict[str, float | None] | str:
 
 def cmd_schema(args: argparse.Namespace) -> int:
     """``schema``: the manifest schema with the catalog embedded, or one model's schema."""
+    from runner.manifest import bundled_schema, load_catalog, schema_dir
+
     if args.path:
         path = schema_dir() / EDITOR_SCHEMA
         if not path.is_file():
@@ -403,6 +412,9 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """``models``: the catalog, one line per model id (or JSON)."""
+    from runner.manifest import load_catalog
+    from runner.report import models_listing, render_models
+
     entries = models_listing(load_catalog())
     if args.json:
         print(json.dumps(entries, indent=2, ensure_ascii=False))
@@ -413,6 +425,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``run``: submit what is not done yet."""
+    import asyncio
+
+    from runner.app import RunConfig
+    from runner.app import run as run_jobs
+    from runner.console import Console
+
     console = Console(quiet=args.quiet, json_lines=args.log_format == "json")
     if args.summary_json and not Path(args.summary_json).absolute().parent.is_dir():
         msg = f"--summary-json {args.summary_json}: the folder does not exist"
@@ -446,6 +464,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _ledger_config(args: argparse.Namespace, console: Console) -> LedgerConfig:
+    from runner.engine import LedgerConfig, PollTiming
+    from runner.ledger import ledger_is_mock
+
+
     # A --mock ledger needs no key: its tasks live in the built-in emulator. Downloads need
     # none either (video links are signed URLs, fetched without an Authorization header),
     # but with one, an expired link can be asked for again.
@@ -465,6 +487,11 @@ def _ledger_config(args: argparse.Namespace, console: Console) -> LedgerConfig:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """``status``: poll a ledger's unfinished tasks."""
+    import asyncio
+
+    from runner.console import Console
+    from runner.engine import run_status
+
     console = Console(quiet=args.quiet, json_lines=args.log_format == "json")
     config = _ledger_config(args, console)
     return asyncio.run(run_status(config, console))
@@ -472,6 +499,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     """``download``: fetch completed videos."""
+    import asyncio
+
+    from runner.console import Console
+    from runner.engine import run_download
+
     console = Console(quiet=args.quiet, json_lines=args.log_format == "json")
     config = _ledger_config(args, console)
     return asyncio.run(run_download(config, console))
@@ -479,6 +511,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``report``: the collapsed ledger and next steps."""
+    from runner import report
+
     if not Path(args.ledger).is_file():
         msg = f"{args.ledger}: no such ledger"
         raise LedgerError(msg)
@@ -490,6 +524,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_mock_server(args: argparse.Namespace) -> int:
     """``mock-server``: serve the emulator until interrupted."""
+    import asyncio
 
     config = emulator.config_from_args(args)
 
@@ -545,6 +580,8 @@ def _base_url(url: str) -> str:
 
 
 def _prices(values: Sequence[str]) -> dict[str, float]:
+    from runner.manifest import pricing
+
     prices: dict[str, float] = {}
     for value in values:
         prices.update(pricing.parse_price_override(value))

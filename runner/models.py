@@ -230,3 +230,19 @@ def parse_iso(text: str) -> float | None:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() if text else None
     except ValueError:
         return None
+
+
+#: Failed or rejected outcomes this run must see before a share can halt it.
+HALT_SAMPLE = 10
+
+
+@dataclass(frozen=True, slots=True)
+class HaltAfter:
+    """``--halt-after``: stop submitting after ``count`` failed or rejected jobs of this
+    run, or once ``share`` of the jobs sent this run (at least ``HALT_SAMPLE``) did."""
+
+    count: int | None = None
+    share: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.count}" if self.count is not None else f"{(self.share or 0) * 100:g}%"

@@ -13,10 +13,11 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 
 from runner.errors import ManifestError
 from runner.manifest import loader as manifest_module
-from runner.manifest.catalog import manifest_validators
+from runner.manifest.catalog import composed_schema, load_catalog, manifest_validators
 from runner.manifest.loader import Manifest, load_manifests
 from runner.manifest.schemas import MANIFEST_SCHEMA, load_schema, schema_text
 from runner.manifest.yamlfile import parse_yaml
@@ -399,7 +400,8 @@ def _properties(schema: dict[str, Any], node: Any, where: str = "") -> list[tupl
 def test_schema_is_valid_and_identified() -> None:
     """The shipped schema passes its metaschema and has $id, title and examples."""
     schema = load_schema()
-    manifest_validators()  # runs check_schema
+    Draft202012Validator.check_schema(composed_schema(load_catalog()))
+    manifest_validators()
     assert schema["$schema"].endswith("2020-12/schema")
     assert schema["$id"] and schema["title"] and schema["examples"]
     assert json.loads(schema_text(MANIFEST_SCHEMA)) == schema
