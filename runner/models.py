@@ -63,6 +63,10 @@ class Job:
     line: int = 0
     catalogued: bool = True
     take: int = 1
+    # The two hashes, computed on first use: a rerun asks each several times. Not init
+    # fields, so dataclasses.replace starts afresh; not compared, hashed or shown.
+    _fingerprint: str = field(default="", init=False, repr=False, compare=False)
+    _idempotency_key: str = field(default="", init=False, repr=False, compare=False)
 
     @property
     def model(self) -> str:
@@ -165,6 +169,11 @@ class Job:
         plus ``image_sha256``), so ledgers written before the catalog keep their
         fingerprints and Idempotency-Keys.
         """
+        if not self._fingerprint:
+            object.__setattr__(self, "_fingerprint", self._computed_fingerprint())
+        return self._fingerprint
+
+    def _computed_fingerprint(self) -> str:
         if len(self.uploads) == 1 and self.uploads[0].pointer == ("image_urls", 0):
             images = self.request.get("image_urls")
             if isinstance(images, list) and len(images) == 1:
@@ -181,6 +190,11 @@ class Job:
         Take 1 keeps the key of versions before takes existed; a later take is a new
         purchase, so its key differs and an honouring server cannot replay the earlier task.
         """
+        if not self._idempotency_key:
+            object.__setattr__(self, "_idempotency_key", self._computed_key())
+        return self._idempotency_key
+
+    def _computed_key(self) -> str:
         parts = (self.manifest_name, self.job_id, self.fingerprint)
         seed = "\0".join(parts if self.take == 1 else (*parts, f"take {self.take}"))
         return "apimart-batch-" + hashlib.sha256(seed.encode()).hexdigest()[:40]
