@@ -150,6 +150,17 @@ def test_file_over_the_size_limit_is_refused_unread(
     assert "larger than the" in text
 
 
+def test_the_size_limit_admits_the_most_jobs_with_realistic_prompts(tmp_path: Path) -> None:
+    """MAX_JOBS entries, each an id and a 200-character prompt, pass the file-size limit."""
+    prompt = ("a lighthouse in a storm at dusk, waves on the rocks, " * 4)[:200]
+    entries = "".join(f"  - id: job-{i:06d}\n    prompt: {prompt}\n"
+                      for i in range(manifest_module.MAX_JOBS))
+    path = tmp_path / "most.yaml"
+    path.write_text(ONE + entries, encoding="utf-8")
+    loader = manifest_module._FileLoader(str(path))
+    assert loader._read() is not None, loader.reporter.trim()
+
+
 def test_missing_file_is_a_diagnostic(tmp_path: Path) -> None:
     """A path that does not exist is reported like any other problem."""
     with pytest.raises(ManifestError) as caught:
