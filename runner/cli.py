@@ -348,10 +348,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 takes[job.job_id] = decision.job.take
     balance = _plan_balance(args) if args.balance else None
     if args.json:
-        data = report.plan_json(manifests, prices, skipped, takes=takes)
+        data = report.plan_document(manifests, prices, skipped, takes=takes)
         if args.balance:
             data["balance"] = balance
-        print(json.dumps(data, indent=2, ensure_ascii=False))
+        report.write_json(sys.stdout, data)  # job by job: memory stays flat in the jobs
     else:
         print(report.render_plan(manifests, prices, skipped, takes=takes))
         if isinstance(balance, str):
@@ -517,7 +517,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         msg = f"{args.ledger}: no such ledger"
         raise LedgerError(msg)
     built = report.build_report(args.ledger)
-    render = {"table": report.render_table, "csv": report.render_csv, "json": report.render_json}
+    if args.format == "json":  # job by job, not one string of every job
+        report.write_json(sys.stdout, report.json_document(built), allow_nan=False)
+        return 0
+    render = {"table": report.render_table, "csv": report.render_csv}
     print(render[args.format](built))
     return 0
 

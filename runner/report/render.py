@@ -13,12 +13,14 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from runner.api import DEFAULT_BASE_URL
 from runner.engine import REGENERABLE, expires_ts, needs_download
 from runner.ledger import COLUMNS, ledger_path, read_latest, write_csv
 from runner.manifest import load_catalog, pricing
 from runner.models import Job
+from runner.report.jsonout import materialized
 
 EXPIRING_WITHIN = 24 * 3600.0
 #: The table's fixed columns (name, width); each job's error follows them in full.
@@ -216,14 +218,20 @@ def render_json(report: Report) -> str:
     null, every other cell as text (a job id of digits stays text). ``take`` is always
     there (1 when the ledger has no such cell).
     """
-    return json.dumps({
-        "ledger": report.ledger, "jobs": [_typed(row) for row in report.rows],
+    return json.dumps(materialized(json_document(report)), indent=2, ensure_ascii=False,
+                      allow_nan=False)
+
+
+def json_document(report: Report) -> dict[str, Any]:
+    """:func:`render_json` for :func:`~runner.report.write_json`: the jobs one at a time."""
+    return {
+        "ledger": report.ledger, "jobs": (_typed(row) for row in report.rows),
         "totals": report.totals,
         "estimated_usd": round(report.estimated_usd, 2),
         "unpriced_jobs": report.unpriced,
         "reported_usd": round(report.reported_usd, 2),
         "expiring_within_24h": list(report.expiring), "next": list(report.next_steps),
-    }, indent=2, ensure_ascii=False, allow_nan=False)
+    }
 
 
 def _typed(row: Mapping[str, str]) -> dict[str, object]:
