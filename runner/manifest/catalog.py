@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +29,7 @@ from runner.manifest.schemas import (
     inline,
     load_schema,
     schema_dir,
+    surely_valid,
 )
 
 COMMON_ID = "urn:apimart-batch:schema:common"
@@ -241,6 +242,9 @@ class Validators:
     job: Validator
     unknown_job: Validator
     catalog: Catalog
+    #: True only for a ``jobs`` entry that surely passes the document schema's rules for
+    #: entries (``surely_valid``): such entries need no jsonschema pass of their own.
+    entry_ok: Callable[[Any], bool] = field(default=lambda _: False)
 
 
 def dispatch(catalog: Catalog) -> list[dict[str, Any]]:
@@ -297,4 +301,5 @@ def manifest_validators(folder: Path | None = None) -> Validators:
         job=cls(inlined["$defs"]["job"], registry=registry),
         unknown_job=cls(inlined["$defs"]["unknown_model_job"]),
         catalog=catalog,
+        entry_ok=surely_valid(inlined.get("properties", {}).get("jobs", {}).get("items")),
     )
