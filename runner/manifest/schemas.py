@@ -229,7 +229,16 @@ def _compiled(schema: Any) -> Check | None:
         if check is None:
             return None
         checks.append(check)
-    return lambda v: all(check(v) for check in checks)
+    if len(checks) == 1:
+        return checks[0]
+
+    def every(v: Any) -> bool:
+        for check in checks:  # noqa: SIM110 - a loop, not all(): this runs 100,000s of times
+            if not check(v):
+                return False
+        return True
+
+    return every
 
 
 def _keyword(keyword: str, value: Any, schema: Mapping[str, Any]) -> Check | None:
@@ -261,8 +270,16 @@ def _keyword(keyword: str, value: Any, schema: Mapping[str, Any]) -> Check | Non
         if any(c is None for c in props.values()):
             return None
         known: dict[str, Check] = {k: c for k, c in props.items() if c is not None}
-        return lambda v: not isinstance(v, dict) or all(
-            known[k](item) for k, item in v.items() if k in known)
+
+        def properties(v: Any) -> bool:
+            if isinstance(v, dict):
+                for key, item in v.items():
+                    check = known.get(key)
+                    if check is not None and not check(item):
+                        return False
+            return True
+
+        return properties
     if keyword == "additionalProperties":
         if "patternProperties" in schema:
             return None
@@ -270,6 +287,8 @@ def _keyword(keyword: str, value: Any, schema: Mapping[str, Any]) -> Check | Non
         if other is None:
             return None
         names = set(schema.get("properties", {}))
+        if value is True:
+            return lambda _: True
         return lambda v: not isinstance(v, dict) or all(
             other(item) for k, item in v.items() if k not in names)
     if keyword == "items":
@@ -281,6 +300,10 @@ def _keyword(keyword: str, value: Any, schema: Mapping[str, Any]) -> Check | Non
         name = _compiled(value)
         if name is None:
             return None
+        if isinstance(value, Mapping) and set(value) == {"not"}:
+            outside = _outside(value["not"])
+            if outside is not None:  # the usual propertyNames: none of these keys
+                return lambda v: not isinstance(v, dict) or outside.isdisjoint(v)
         return lambda v: not isinstance(v, dict) or all(name(k) for k in v)
     if keyword == "dependentSchemas" and isinstance(value, Mapping):
         deps = {k: _compiled(sub) for k, sub in value.items()}
@@ -291,6 +314,14 @@ def _keyword(keyword: str, value: Any, schema: Mapping[str, Any]) -> Check | Non
             check(v) for k, check in then.items() if k in v)
     if keyword == "not" and isinstance(value, Mapping) and len(value) == 1:
         return _not(value)
+    return None
+
+
+def _outside(schema: Any) -> frozenset[str] | None:
+    """The texts of an ``enum`` of texts only, else None."""
+    value = schema.get("enum") if isinstance(schema, Mapping) and len(schema) == 1 else None
+    if isinstance(value, list) and all(isinstance(e, str) for e in value):
+        return frozenset(value)
     return None
 
 

@@ -138,8 +138,29 @@ def _c_composer() -> Callable[[str], Any] | None:
     if tuple(get_version()) < (0, 2, 5):
         return None
 
-    class Composer(CParser, Resolver):
-        yaml_implicit_resolvers = _Loader.yaml_implicit_resolvers
+    resolvers = _Loader.yaml_implicit_resolvers
+    starts = frozenset(key for key in resolvers if key)  # no '' key: '' is null, below
+    scalar = Resolver.DEFAULT_SCALAR_TAG
+    collections: dict[type[Node], str] = {MappingNode: Resolver.DEFAULT_MAPPING_TAG,
+                   SequenceNode: Resolver.DEFAULT_SEQUENCE_TAG}
+
+    class Composer(CParser, Resolver):  # libyaml calls these back once a node
+        yaml_implicit_resolvers = resolvers
+
+        def resolve(self, kind: type[Node], value: Any, implicit: Any) -> str:
+            # Resolver.resolve, minus what cannot apply here (path resolvers): most
+            # scalars start with a letter no implicit type starts with.
+            if kind is ScalarNode and (not implicit[0] or (value and value[0] not in starts)):
+                return scalar
+            if kind is not ScalarNode:
+                return collections[kind]
+            return str(Resolver.resolve(self, kind, value, implicit))  # type: ignore[no-untyped-call]
+
+        def descend_resolver(self, *_: object) -> None:
+            """No path resolvers: nothing to track."""
+
+        def ascend_resolver(self) -> None:
+            """No path resolvers: nothing to track."""
 
     return Composer
 
