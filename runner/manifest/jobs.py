@@ -55,8 +55,13 @@ class JobBuilder:
         defaults: dict[str, Any],
         combo: dict[str, int],
         pos: Pos,
+        *,
+        job_id: str = "",
     ) -> Job | None:
-        """One expanded job (None when invalid; the problems are reported)."""
+        """One expanded job (None when invalid; the problems are reported).
+
+        ``job_id``: its id when the entry gives one (else ``JobIds`` names it later).
+        """
         here: DocPath = ("jobs", index)
         sources: dict[str, DocPath] = {}
         values: dict[str, Any] = {}
@@ -101,7 +106,7 @@ class JobBuilder:
         if isinstance(request.get("prompt"), str):
             request["prompt"] = request["prompt"].strip()
         return Job(
-            job_id="",
+            job_id=job_id,
             request=request,
             uploads=uploads,
             defaults=spec.defaults if spec else {},
@@ -127,7 +132,9 @@ class JobBuilder:
         reports both. A model outside the catalog uploads only the ``image`` shorthand.
         """
         if spec is not None:
-            places = list(upload_pointers(spec, values))
+            # Most jobs have none of the fields that take images: skip the walk for them.
+            wanted = any(not p or p[0] in values for p in spec.uploads)
+            places = list(upload_pointers(spec, values)) if wanted else []
         else:
             images = values.get("image_urls") if from_image else None
             places = [(("image_urls", 0), images[0])] if isinstance(images, list) else []

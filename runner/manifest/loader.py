@@ -33,7 +33,7 @@ from runner.manifest.diagnostics import MAX_DIAGNOSTICS as MAX_DIAGNOSTICS
 from runner.manifest.diagnostics import Reporter, locate
 from runner.manifest.expand import MAX_JOBS as MAX_JOBS
 from runner.manifest.expand import combinations, plan
-from runner.manifest.ids import JobIds
+from runner.manifest.ids import JobIds, given_id
 from runner.manifest.jobs import JobBuilder
 from runner.manifest.schemas import Problem, explain
 from runner.manifest.yamlfile import Pos, parse_yaml
@@ -205,6 +205,7 @@ class _FileLoader:
             index, entry, matrix, _ = entry_plan
             pos = locate(doc, ("jobs", index))[1]
             for combo in combinations(matrix):
-                job = builder.build(index, entry, defaults, combo, pos)
+                named = given_id(entry, combo) or ""  # built with its id: no copy to rename
+                job = builder.build(index, entry, defaults, combo, pos, job_id=named)
                 ids.take(entry_plan, combo, job, pos)
         self.job_positions = ids.job_positions
