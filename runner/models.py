@@ -18,7 +18,11 @@ Pointer = tuple[str | int, ...]
 
 def canonical_json(value: Any) -> str:
     """``value`` as canonical JSON: sorted keys, no spaces, UTF-8 text (what hashes cover)."""
-    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return _CANONICAL.encode(value)
+
+
+# json.dumps builds a new encoder per call when given options: once per job, that showed.
+_CANONICAL = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import unicodedata
 from dataclasses import replace
@@ -12,7 +11,7 @@ from typing import Any
 from runner.manifest.diagnostics import Reporter
 from runner.manifest.expand import Plan
 from runner.manifest.yamlfile import Pos
-from runner.models import Job
+from runner.models import Job, canonical_json
 
 
 class JobIds:
@@ -74,8 +73,7 @@ def _base_id(entry: dict[str, Any], combo: dict[str, int], job: Job | None) -> s
 
 
 def _digest(value: Any) -> str:
-    canonical = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
 
 
 def _slug(prompt: str, width: int = 24) -> str:
