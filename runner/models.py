@@ -185,6 +185,8 @@ class Job:
                 request.pop("image_urls", None)
                 request["image_sha256"] = self.uploads[0].sha256
                 return _hash(request)[:16]
+        if not self.uploads:  # the body is the request as it is: no copy to make
+            return _hash(self.request)[:16]
         return _hash(self.body({u.pointer: f"sha256:{u.sha256}" for u in self.uploads}))[:16]
 
     @property
