@@ -42,9 +42,9 @@ NOTES = [
     "from the ULID times in the task ids; the burst lets a client exceed R by up to R/N.",
     "- Scale: the floor (`bench/floor.py`) is CSafeLoader + defaults and matrix expansion + a "
     "SHA-256 of each job's canonical JSON, as its own process. Memory per job is the slope of "
-    "peak RSS between the two sizes, so the fixed base drops out. Explicit manifests use "
-    "21-character prompts so that 100k entries fit the 5 MiB file limit; the last scale row "
-    "checks 200-character prompts.",
+    "peak RSS between the two sizes, so the fixed base drops out. Explicit manifests keep the "
+    "21-character prompts of the first run (made to fit the former 5 MiB file limit, now "
+    "32 MiB), so the figures compare; the last scale row checks 200-character prompts.",
     "- Polling: `status LEDGER --wait` over tasks that take `--task-seconds`; lag = time of a "
     "job's first `completed` ledger row minus its task's completion (created + task seconds).",
     "- Machine note: cores kept busy by *other* processes during the runs (from /proc/stat, "

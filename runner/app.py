@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from contextlib import AsyncExitStack, ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from runner.engine import (
     PollTiming,
     Submitter,
     connect,
-    decide,
+    decide_across,
     default_out,
     interrupts,
     merged_error,
@@ -56,6 +56,8 @@ from runner.ledger import (
     refuse_other_counts,
 )
 from runner.manifest import Manifest, load_manifests, pricing
+from runner.models import HALT_SAMPLE as HALT_SAMPLE  # importers of runner.app find them here
+from runner.models import HaltAfter as HaltAfter
 from runner.models import Job
 from runner.shard import Shard
 
@@ -68,22 +70,6 @@ SUMMARY_ORDER = (
 )  # fmt: skip
 #: How many jobs of one state the summary names before it gives a count and a command.
 _NAMED = 5
-#: Failed or rejected outcomes this run must see before a share can halt it.
-HALT_SAMPLE = 10
-
-
-@dataclass(frozen=True, slots=True)
-class HaltAfter:
-    """``--halt-after``: stop submitting after ``count`` failed or rejected jobs of this
-    run, or once ``share`` of the jobs sent this run (at least ``HALT_SAMPLE``) did."""
-
-    count: int | None = None
-    share: float | None = None
-
-    def __str__(self) -> str:
-        return f"{self.count}" if self.count is not None else f"{(self.share or 0) * 100:g}%"
-
-
 @dataclass(frozen=True, slots=True)
 class RunConfig:
     """Everything ``run`` needs, parsed and checked by the CLI."""
@@ -320,22 +306,6 @@ def _decide(job: Job, ledgers: Ledgers, config: RunConfig) -> Decision:
                          resubmit_unknown=config.resubmit_unknown,
                          resubmit_changed=config.resubmit_changed,
                          retry_failed=config.retry_failed)
-
-
-def decide_across(
-    job: Job,
-    row: Mapping[str, str] | None,
-    elsewhere: tuple[str, Mapping[str, str]] | None,
-    **flags: bool,
-) -> Decision:
-    """``decide`` on the job's newest row: its own ledger's ``row``, or the newer one of
-    another ledger of its family (``elsewhere``: that ledger and its row); ``flags`` are
-    ``decide``'s."""
-    other, newest = elsewhere if elsewhere is not None else (None, row)
-    decision = decide(job, newest, **flags)
-    if other is None or decision.verdict == "submit":
-        return decision  # once sent, it is recorded in this run's ledger
-    return replace(decision, reason=f"recorded in other ledger {other}: {decision.reason}")
 
 
 def _say_elsewhere(

@@ -8,7 +8,6 @@ bad input never ends in a traceback.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -19,13 +18,10 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from runner import __version__, emulator, report
+from runner import __version__, emulator
 from runner.api import DEFAULT_BASE_URL, RetryPolicy, Secret, api_key_from_env, key_file_warning
-from runner.app import HALT_SAMPLE, HaltAfter, RunConfig, decide_across
-from runner.app import run as run_jobs
-from runner.console import Console
-from runner.engine import LedgerConfig, PollTiming, run_download, run_status, write_json
 from runner.errors import (
     EXIT_API_STOPPED,
     EXIT_JOBS_FAILED,
@@ -38,26 +34,15 @@ from runner.errors import (
     RunnerError,
     UsageError,
 )
-from runner.healthcheck import Summary, pinged
-from runner.ledger import (
-    expand_ledgers,
-    family,
-    ledger_is_mock,
-    ledger_path,
-    read_latest,
-    recorded_elsewhere,
-)
-from runner.manifest import (
-    bundled_schema,
-    diagnostics_document,
-    load_catalog,
-    load_manifests,
-    pricing,
-    problem_count,
-    schema_dir,
-)
-from runner.report import models_listing, render_models
+from runner.models import HALT_SAMPLE, HaltAfter
 from runner.shard import INDEX_VARIABLE, Shard, parse_shard
+
+# Each command imports the stages it uses, so that --help, validate, plan and report never
+# load aiohttp, and --help no jsonschema (tests/test_layout.py checks it).
+if TYPE_CHECKING:
+    from runner.console import Console
+    from runner.engine import LedgerConfig, PollTiming
+    from runner.healthcheck import Summary
 
 #: The manifest schema with only file-local $refs: what editors can load.
 EDITOR_SCHEMA = "manifest.editor.schema.json"
@@ -116,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except ManifestError as exc:
+        from runner.manifest import problem_count
+
         for d in exc.diagnostics:
             _fail(args, str(d), file=d.file, line=d.line, col=d.col)
         count = problem_count(exc.diagnostics)
@@ -335,6 +322,8 @@ def _add_media_flags(p: argparse.ArgumentParser, *, out: bool = True, poll: bool
 
 
 def _timing(args: argparse.Namespace, *, mock: bool) -> PollTiming:
+    from runner.engine import PollTiming
+
     # The emulator's tasks take seconds, not minutes: poll it briskly.
     interval = args.interval or (2.0 if mock else 30.0)
     deadline = time.monotonic() + args.deadline if args.deadline else None
@@ -383,6 +372,8 @@ def _summary_path(args: argparse.Namespace) -> str | None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """``validate``: one line per valid file (or JSON); ManifestError otherwise."""
+    from runner.manifest import diagnostics_document, load_manifests
+
     try:
         manifests = load_manifests(args.manifests,
                                    allow_unknown_models=args.allow_unknown_model)
@@ -404,6 +395,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """``plan``: the expanded jobs, totals and the estimated cost; no network but --balance."""
+    from runner import report
+    from runner.engine import decide_across
+    from runner.ledger import ledger_path, read_latest, recorded_elsewhere
+    from runner.manifest import load_manifests, pricing
+
     manifests = load_manifests(args.manifests, allow_unknown_models=args.allow_unknown_model)
     prices = pricing.merged_prices(manifests, _prices(args.price))
     if args.shard is not None:
@@ -427,10 +423,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 takes[job.job_id] = decision.job.take
     balance = _plan_balance(args) if args.balance else None
     if args.json:
-        data = report.plan_json(manifests, prices, skipped, takes=takes)
+        data = report.plan_document(manifests, prices, skipped, takes=takes)
         if args.balance:
             data["balance"] = balance
-        print(json.dumps(data, indent=2, ensure_ascii=False))
+        report.write_json(sys.stdout, data)  # job by job: memory stays flat in the jobs
     else:
         print(report.render_plan(manifests, prices, skipped, takes=takes))
         if isinstance(balance, str):
@@ -444,6 +440,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _plan_balance(args: argparse.Namespace) -> dict[str, float | None] | str:
     """The balance for ``plan --balance``, or why it could not be read (never an error)."""
+    import asyncio
+
+    from runner.console import Console
+
     console = Console(quiet=True)
     key = _api_key(args, console)
     from runner.api import Client  # aiohttp loads only when a command uses the network
@@ -461,6 +461,8 @@ def _plan_balance(args: argparse.Namespace) -> dict[str, float | None] | str:
 
 def cmd_schema(args: argparse.Namespace) -> int:
     """``schema``: the manifest schema with the catalog embedded, or one model's schema."""
+    from runner.manifest import bundled_schema, load_catalog, schema_dir
+
     if args.path:
         path = schema_dir() / EDITOR_SCHEMA
         if not path.is_file():
@@ -485,6 +487,9 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """``models``: the catalog, one line per model id (or JSON)."""
+    from runner.manifest import load_catalog
+    from runner.report import models_listing, render_models
+
     entries = models_listing(load_catalog())
     if args.json:
         print(json.dumps(entries, indent=2, ensure_ascii=False))
@@ -495,11 +500,20 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``run``: submit what is not done yet."""
+    from runner.console import Console
+    from runner.healthcheck import pinged
+
     console = Console(quiet=args.quiet, json_lines=args.log_format == "json")
     return pinged(args.healthcheck_url, console, lambda keep: _run(args, console, keep))
 
 
 def _run(args: argparse.Namespace, console: Console, keep: Summary | None) -> int:
+    import asyncio
+
+    from runner.app import RunConfig
+    from runner.app import run as run_jobs
+    from runner.ledger import ledger_path
+
     config = RunConfig(
         manifests=tuple(args.manifests),
         api_key=None if args.mock else _api_key(args, console),
@@ -542,6 +556,9 @@ def _review_page(args: argparse.Namespace, ledgers: Sequence[str], console: Cons
     """
     if args.no_html:
         return
+    from runner import report
+    from runner.ledger import family
+
     # One page per manifest: a shard's page shows every ledger of its family.
     pages: dict[Path, list[str]] = {}
     for ledger in ledgers:
@@ -564,6 +581,9 @@ def _ledger_configs(args: argparse.Namespace, console: Console) -> list[LedgerCo
     # A --mock ledger needs no key: its tasks live in the built-in emulator. Downloads need
     # none either (video links are signed URLs, fetched without an Authorization header),
     # but with one, an expired link can be asked for again.
+    from runner.engine import LedgerConfig, PollTiming
+    from runner.ledger import expand_ledgers, ledger_is_mock
+
     ledgers = expand_ledgers(args.ledgers)
     mocks = {ledger: ledger_is_mock(ledger) for ledger in ledgers}
     polls = hasattr(args, "interval")
@@ -590,6 +610,13 @@ def _each_ledger(
     Around them: the --healthcheck-url pings, one --summary-json (each ledger's summary, and
     with several ledgers a merged one) and, after ``download``, each ledger's review page.
     """
+    import asyncio
+
+    from runner.console import Console
+    from runner.engine import run_download, write_json
+    from runner.healthcheck import pinged
+    from runner.ledger import read_latest
+
     console = Console(quiet=args.quiet, json_lines=args.log_format == "json")
 
     def each(keep: Summary | None) -> int:
@@ -635,16 +662,24 @@ _GRAVITY = (EXIT_OK, EXIT_JOBS_FAILED, EXIT_API_STOPPED)
 
 def cmd_status(args: argparse.Namespace) -> int:
     """``status``: poll the ledgers' unfinished tasks."""
+    from runner.engine import run_status
+
     return _each_ledger(args, run_status)
 
 
 def cmd_download(args: argparse.Namespace) -> int:
     """``download``: fetch completed videos."""
+    from runner.engine import run_download
+
     return _each_ledger(args, run_download)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``report``: the collapsed ledgers (merged into one view) and next steps."""
+    from runner import report
+    from runner.console import Console
+    from runner.ledger import expand_ledgers
+
     ledgers = expand_ledgers(args.ledgers)
     for ledger in ledgers:
         if not Path(ledger).is_file():
@@ -659,13 +694,17 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UsageError(msg)
     built = report.build_report(ledgers[0] if len(ledgers) == 1 else ledgers,
                                 warn=Console(quiet=True).warn)
-    render = {"table": report.render_table, "csv": report.render_csv, "json": report.render_json}
+    if args.format == "json":  # job by job, not one string of every job
+        report.write_json(sys.stdout, report.json_document(built), allow_nan=False)
+        return 0
+    render = {"table": report.render_table, "csv": report.render_csv}
     print(render[args.format](built))
     return 0
 
 
 def cmd_mock_server(args: argparse.Namespace) -> int:
     """``mock-server``: serve the emulator until interrupted."""
+    import asyncio
 
     config = emulator.config_from_args(args)
 
@@ -728,6 +767,8 @@ def _http_url(text: str) -> str:
 
 
 def _prices(values: Sequence[str]) -> dict[str, float]:
+    from runner.manifest import pricing
+
     prices: dict[str, float] = {}
     for value in values:
         prices.update(pricing.parse_price_override(value))

@@ -18,7 +18,11 @@ Pointer = tuple[str | int, ...]
 
 def canonical_json(value: Any) -> str:
     """``value`` as canonical JSON: sorted keys, no spaces, UTF-8 text (what hashes cover)."""
-    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return _CANONICAL.encode(value)
+
+
+# json.dumps builds a new encoder per call when given options: once per job, that showed.
+_CANONICAL = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
 #: No ``metadata`` tags (shared, read-only: most jobs have none).
@@ -71,6 +75,10 @@ class Job:
     catalogued: bool = True
     take: int = 1
     metadata: Mapping[str, str] = field(default_factory=lambda: NO_TAGS)
+    # The two hashes, computed on first use: a rerun asks each several times. Not init
+    # fields, so dataclasses.replace starts afresh; not compared, hashed or shown.
+    _fingerprint: str = field(default="", init=False, repr=False, compare=False)
+    _idempotency_key: str = field(default="", init=False, repr=False, compare=False)
 
     @property
     def model(self) -> str:
@@ -173,6 +181,11 @@ class Job:
         plus ``image_sha256``), so ledgers written before the catalog keep their
         fingerprints and Idempotency-Keys.
         """
+        if not self._fingerprint:
+            object.__setattr__(self, "_fingerprint", self._computed_fingerprint())
+        return self._fingerprint
+
+    def _computed_fingerprint(self) -> str:
         if len(self.uploads) == 1 and self.uploads[0].pointer == ("image_urls", 0):
             images = self.request.get("image_urls")
             if isinstance(images, list) and len(images) == 1:
@@ -180,6 +193,8 @@ class Job:
                 request.pop("image_urls", None)
                 request["image_sha256"] = self.uploads[0].sha256
                 return _hash(request)[:16]
+        if not self.uploads:  # the body is the request as it is: no copy to make
+            return _hash(self.request)[:16]
         return _hash(self.body({u.pointer: f"sha256:{u.sha256}" for u in self.uploads}))[:16]
 
     @property
@@ -189,6 +204,11 @@ class Job:
         Take 1 keeps the key of versions before takes existed; a later take is a new
         purchase, so its key differs and an honouring server cannot replay the earlier task.
         """
+        if not self._idempotency_key:
+            object.__setattr__(self, "_idempotency_key", self._computed_key())
+        return self._idempotency_key
+
+    def _computed_key(self) -> str:
         parts = (self.manifest_name, self.job_id, self.fingerprint)
         seed = "\0".join(parts if self.take == 1 else (*parts, f"take {self.take}"))
         return "apimart-batch-" + hashlib.sha256(seed.encode()).hexdigest()[:40]
@@ -238,3 +258,19 @@ def parse_iso(text: str) -> float | None:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() if text else None
     except ValueError:
         return None
+
+
+#: Failed or rejected outcomes this run must see before a share can halt it.
+HALT_SAMPLE = 10
+
+
+@dataclass(frozen=True, slots=True)
+class HaltAfter:
+    """``--halt-after``: stop submitting after ``count`` failed or rejected jobs of this
+    run, or once ``share`` of the jobs sent this run (at least ``HALT_SAMPLE``) did."""
+
+    count: int | None = None
+    share: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.count}" if self.count is not None else f"{(self.share or 0) * 100:g}%"

@@ -71,3 +71,42 @@ def test_stage_dependencies_point_one_way() -> None:
         if source != target:
             graph.setdefault(source, set()).add(target)
     graphlib.TopologicalSorter(graph).prepare()  # raises CycleError on a cycle
+
+
+_PROBE = """
+import sys
+from runner import cli
+try:
+    cli.main(sys.argv[1:])
+except SystemExit:
+    pass
+if sys.argv[1:] == ["client"]:
+    from runner.api import Client
+print("aiohttp" in sys.modules, "jsonschema" in sys.modules)
+"""
+EXAMPLE = str(RUNNER.parent / "jobs" / "example.yaml")
+
+
+@pytest.mark.parametrize(
+    ("argv", "jsonschema"),
+    [(["--help"], False), (["validate", EXAMPLE], True), (["plan", "--json", EXAMPLE], True)],
+    ids=["help", "validate", "plan"],
+)
+def test_offline_commands_do_not_import_aiohttp(argv: list[str], jsonschema: bool) -> None:
+    """Commands without network use never load aiohttp (--help not jsonschema either)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True,
+                          text=True, check=False, cwd=RUNNER.parent)
+    assert done.stdout.splitlines()[-1] == f"False {jsonschema}", done.stderr
+
+
+def test_the_probe_sees_aiohttp_when_the_client_is_used() -> None:
+    """The check above can fail: asking runner.api for Client does load aiohttp."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _PROBE, "client"], capture_output=True,
+                          text=True, check=False, cwd=RUNNER.parent)
+    assert done.stdout.splitlines()[-1].startswith("True"), done.stderr

@@ -6,6 +6,7 @@ import hashlib
 import json
 import struct
 import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,11 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 
 from runner.errors import ManifestError
 from runner.manifest import loader as manifest_module
-from runner.manifest.catalog import manifest_validators
+from runner.manifest.catalog import composed_schema, load_catalog, manifest_validators
 from runner.manifest.loader import Manifest, load_manifests
 from runner.manifest.schemas import MANIFEST_SCHEMA, load_schema, schema_text
 from runner.manifest.yamlfile import parse_yaml
@@ -147,6 +149,17 @@ def test_file_over_the_size_limit_is_refused_unread(
     monkeypatch.setattr(manifest_module, "MAX_MANIFEST_BYTES", 64)
     text = problems(tmp_path, ONE + "".join(f"  - prompt: take {i}\n" for i in range(10)))
     assert "larger than the" in text
+
+
+def test_the_size_limit_admits_the_most_jobs_with_realistic_prompts(tmp_path: Path) -> None:
+    """MAX_JOBS entries, each an id and a 200-character prompt, pass the file-size limit."""
+    prompt = ("a lighthouse in a storm at dusk, waves on the rocks, " * 4)[:200]
+    entries = "".join(f"  - id: job-{i:06d}\n    prompt: {prompt}\n"
+                      for i in range(manifest_module.MAX_JOBS))
+    path = tmp_path / "most.yaml"
+    path.write_text(ONE + entries, encoding="utf-8")
+    loader = manifest_module._FileLoader(str(path))
+    assert loader._read() is not None, loader.reporter.trim()
 
 
 def test_missing_file_is_a_diagnostic(tmp_path: Path) -> None:
@@ -399,7 +412,8 @@ def _properties(schema: dict[str, Any], node: Any, where: str = "") -> list[tupl
 def test_schema_is_valid_and_identified() -> None:
     """The shipped schema passes its metaschema and has $id, title and examples."""
     schema = load_schema()
-    manifest_validators()  # runs check_schema
+    Draft202012Validator.check_schema(composed_schema(load_catalog()))
+    manifest_validators()
     assert schema["$schema"].endswith("2020-12/schema")
     assert schema["$id"] and schema["title"] and schema["examples"]
     assert json.loads(schema_text(MANIFEST_SCHEMA)) == schema
@@ -523,3 +537,60 @@ def test_valid_matrices_expand_to_unique_ids(
     (manifest,) = load_manifests([str(path)])
     ids = [job.job_id for job in manifest.jobs]
     assert len(ids) == len(set(ids)) == len(prompts) * len(durations) * repeat
+
+
+_VALUES = st.one_of(
+    st.sampled_from(["", " ", "a", "job-1", "-bad", "x" * 101, "sora-2", "16:9"]),
+    st.integers(-2, 3), st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
+    st.none(), st.lists(st.sampled_from(["a", " ", "", 1, None]), max_size=3),
+)
+_MATRIX = st.dictionaries(st.sampled_from(["prompt", "model", "image", "duration", "id"]),
+                          st.one_of(_VALUES, st.lists(_VALUES, max_size=3)), max_size=3)
+_ENTRIES = st.dictionaries(
+    st.sampled_from(["id", "model", "prompt", "image", "image_urls", "repeat", "matrix",
+                     "version", "name", "duration", "size"]),
+    st.one_of(_VALUES, _MATRIX), max_size=5,
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_ENTRIES)
+def test_an_entry_the_fast_check_accepts_has_no_schema_problem(entry: dict[str, Any]) -> None:
+    """entry_ok, which lets entries skip the document's jsonschema pass, never lets a bad one by."""
+    validators = manifest_validators()
+    if validators.entry_ok(entry):
+        doc = {"version": 1, "jobs": [entry]}
+        assert list(validators.document.iter_errors(doc)) == []
+
+
+def test_the_fast_check_accepts_plain_entries() -> None:
+    """The shipped entry schema compiles to a real check (else every entry takes the slow way)."""
+    ok = manifest_validators().entry_ok
+    assert ok({"id": "a-1", "prompt": "a cat", "duration": 5})
+    assert ok({"id": "m", "matrix": {"prompt": ["a", "b"], "duration": [4, 8]}})
+    assert not ok({"id": "a", "prompt": "a cat", "version": 1})
+    assert not ok({"image": "a.png", "image_urls": ["b.png"]})
+
+
+def test_problems_of_many_entries_point_at_each_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With most entries fine, each bad entry's problem is what a full schema pass says."""
+    entries = "".join(f"  - id: ok-{i}\n    prompt: fine\n" for i in range(5))
+    text = (ONE + entries + "  - id: -bad\n    prompt: fine\n" + entries.replace("ok-", "ok2-")
+            + "  - prompt: fine\n    jobs: 1\n")
+    path = tmp_path / "m.yaml"
+    path.write_text(text, encoding="utf-8")
+
+    def diagnostics() -> list[Any]:
+        with pytest.raises(ManifestError) as caught:
+            load_manifests([str(path)])
+        return list(caught.value.diagnostics)
+
+    found = diagnostics()
+    assert [(d.line, d.col) for d in found[:2]] == [(14, 9), (27, 5)], found
+    assert "'-bad' is not a valid" in found[0].message
+    assert "'jobs' is not allowed here" in found[1].message
+    slow = replace(manifest_validators(), entry_ok=lambda _: False)
+    monkeypatch.setattr(manifest_module, "manifest_validators", lambda: slow)
+    assert diagnostics() == found

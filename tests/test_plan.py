@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import unicodedata
+from pathlib import Path
 
 import pytest
 from jobfactory import make_job
 
-from runner.manifest.loader import Manifest
+from runner.cli import main
+from runner.manifest.loader import Manifest, load_manifests
 from runner.manifest.pricing import built_in_prices, merged_prices
 from runner.models import Job
 from runner.report.plan import plan_json, render_plan
@@ -130,3 +132,19 @@ def test_a_plain_price_dict_is_labelled_honestly() -> None:
     text = render_plan(MANIFESTS, {"sora-2/720p": 0.1})
     assert "sora-2/720p 0.1 (given)" in text
     assert "sora-2-pro/1080p 0.56 (assumed)" in text
+
+
+def test_plan_json_streams_the_same_document(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``plan --json`` writes, job by job, exactly the text of ``plan_json``, then a newline."""
+    path = tmp_path / "p.yaml"
+    path.write_text("version: 1\ndefaults: {model: sora-2}\njobs:\n"
+                    "  - {id: a, prompt: \"a cat, \\\"quoted\\\" \u00e9\"}\n"
+                    "  - {id: b, prompt: a dog, duration: 8}\n", encoding="utf-8")
+    assert main(["plan", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    manifests = load_manifests([str(path)])
+    expected = plan_json(manifests, merged_prices(manifests, {}))
+    assert out == json.dumps(expected, indent=2, ensure_ascii=False) + "\n"
+    assert expected["totals"]["jobs"] == 2 and len(expected["jobs"]) == 2

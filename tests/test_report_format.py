@@ -212,3 +212,15 @@ def test_cli_table_wraps_to_the_terminal_width(
     assert error[0].startswith("    error: ")
     assert all(len(line) <= 90 for line in error)
     assert " ".join(" ".join(error).split()).removeprefix("error: ") == LONG_ERROR
+
+
+def test_json_is_written_job_by_job_as_one_document(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``report --format json`` streams exactly the text of ``render_json``, then a newline."""
+    path = ledger(tmp_path, f"{T},a,completed,task_1,1,200,,sora-2,8,a cat,m.yaml,0,100,,,,",
+                  f"{T},b,rejected,,1,400,\"bad, \"\"really\"\"\",sora-2,4,\"x\ny\",m.yaml,0,,,,,")
+    assert cli_main(["report", path, "--format", "json"]) == 0
+    out = capsys.readouterr().out
+    assert out == render_json(build_report(path)) + "\n"
+    assert [job["job_id"] for job in json.loads(out)["jobs"]] == ["a", "b"]

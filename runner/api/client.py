@@ -45,6 +45,7 @@ from runner.api.answers import (
     read_uploaded,
     valid_task_id,
 )
+from runner.api.base import DEFAULT_BASE_URL
 from runner.api.download import fetch, opened
 from runner.api.failures import (
     PARSE_ERRORS,
@@ -73,7 +74,6 @@ __all__ = [
     "valid_task_id",
 ]
 
-DEFAULT_BASE_URL: Final = "https://api.apimart.ai"
 SUBMIT_PATH: Final = "/v1/videos/generations"
 BALANCE_PATH: Final = "/v1/balance"
 USER_AGENT: Final = "apimart-batch/0.1"

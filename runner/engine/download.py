@@ -43,15 +43,18 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import IO, cast
+from typing import IO, TYPE_CHECKING, cast
 from urllib.parse import urlsplit, urlunsplit
 
-from runner.api import Client, RetryPolicy, TaskState
+from runner.api import RetryPolicy, TaskState
 from runner.engine.poll import state_cells
 from runner.engine.schedule import Clock, Limiter, Sleep, Stopped, cut_at, describe, retrying
 from runner.errors import ApiError, LedgerError, RejectedError
 from runner.ledger import Recorder
 from runner.models import parse_iso
+
+if TYPE_CHECKING:
+    from runner.api import Client  # aiohttp: only the commands that use the network load it
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _EXTENSIONS = frozenset({".mp4", ".mov", ".webm", ".m4v"})

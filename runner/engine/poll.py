@@ -25,12 +25,16 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
-from runner.api import Client, RetryPolicy, TaskState
+from runner.api import RetryPolicy, TaskState
 from runner.engine.schedule import Clock, Limiter, Sleep, Stopped, cut_at, retrying
 from runner.errors import FatalApiError, LedgerError, RejectedError, RetryableError
 from runner.ledger import Recorder
 from runner.models import iso_utc
+
+if TYPE_CHECKING:
+    from runner.api import Client  # aiohttp: only the commands that use the network load it
 
 #: Last statuses that have a task to poll.
 POLLABLE_STATES = frozenset({"submitted", "pending", "processing"})

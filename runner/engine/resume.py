@@ -123,3 +123,19 @@ def decide(
         return Decision(following, "submit",
                         f"{status} (task {task}); take {take + 1} bought by --retry-failed")
     return Decision(job, "done", f"already {status} (task {task})")
+
+
+def decide_across(
+    job: Job,
+    row: Mapping[str, str] | None,
+    elsewhere: tuple[str, Mapping[str, str]] | None,
+    **flags: bool,
+) -> Decision:
+    """``decide`` on the job's newest row: its own ledger's ``row``, or the newer one of
+    another ledger of its family (``elsewhere``: that ledger and its row); ``flags`` are
+    ``decide``'s."""
+    other, newest = elsewhere if elsewhere is not None else (None, row)
+    decision = decide(job, newest, **flags)
+    if other is None or decision.verdict == "submit":
+        return decision  # once sent, it is recorded in this run's ledger
+    return replace(decision, reason=f"recorded in other ledger {other}: {decision.reason}")

@@ -73,6 +73,7 @@ import contextlib
 import csv
 import fcntl
 import io
+import itertools
 import json
 import operator
 import os
@@ -81,7 +82,7 @@ import stat
 import sys
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
@@ -122,6 +123,8 @@ FSYNC_INTERVAL: Final = 1.0
 _REQUIRED: Final = ("job_id", "status")
 _SET_BY_LEDGER: Final = frozenset({"time", "job_id", "mock", "base_url", "crc"})
 _FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r", "'")
+_FORMULA_CHARS: Final = frozenset(_FORMULA_START)
+_CALLER_SETS: Final = frozenset(COLUMNS) - _SET_BY_LEDGER
 # Frozen: a column added later is not covered, so the crcs written today stay valid.
 _CRC_COVERS: Final = COLUMNS[: COLUMNS.index("request") + 1]
 #: The same rule as ``api.valid_task_id`` (and no ``..``): no path, no control character.
@@ -162,7 +165,7 @@ csv.field_size_limit(2**31 - 1)
 
 def escape_cell(value: str) -> str:
     """Make ``value`` inert in a spreadsheet, losslessly (see the module docstring)."""
-    return "'" + value if value.startswith(_FORMULA_START) else value
+    return "'" + value if value and value[0] in _FORMULA_CHARS else value
 
 
 def unescape_cell(cell: str) -> str:
@@ -172,7 +175,7 @@ def unescape_cell(cell: str) -> str:
 
 def row_crc(row: Mapping[str, str]) -> str:
     """The ``crc`` cell of ``row``: ``c`` and the CRC-32 of its values up to ``request``."""
-    data = "\x1f".join(row.get(name, "") for name in _CRC_COVERS)
+    data = "\x1f".join([row.get(name, "") for name in _CRC_COVERS])
     return f"c{zlib.crc32(data.encode(errors='surrogatepass')):08x}"
 
 
@@ -200,7 +203,29 @@ def _encode(cells: Iterable[str]) -> bytes:
 def _line(row: Mapping[str, str], header: Iterable[str]) -> bytes:
     """``row`` as one CSV line under ``header``, escaped, its ``crc`` filled in."""
     values = {**row, "crc": row_crc(row)}
-    return _encode(escape_cell(values.get(name, "")) for name in header)
+    return _encode([escape_cell(values.get(name, "")) for name in header])
+
+
+class _LineWriter:
+    """:func:`_line` for one ledger's appends: one CSV writer and buffer, reused."""
+
+    def __init__(self, header: list[str]) -> None:
+        self._header = header
+        self._buffer = io.StringIO()
+        # The default "\r\n" terminator makes the writer quote cells holding "\r" or "\n".
+        self._writer = csv.writer(self._buffer)
+
+    def line(self, row: Mapping[str, str]) -> bytes:
+        """``row`` (whose ``crc`` is filled in) as one escaped CSV line."""
+        buffer = self._buffer
+        buffer.seek(0)
+        buffer.truncate()
+        chars = _FORMULA_CHARS
+        self._writer.writerow([
+            "'" + value if value and value[0] in chars else value
+            for value in map(row.get, self._header, itertools.repeat(""))
+        ])  # fmt: skip
+        return buffer.getvalue().encode()
 
 
 def ledger_path(
@@ -239,10 +264,14 @@ def _shown(value: str) -> str:
     return repr(value if len(value) <= 60 else value[:60] + "...")
 
 
-def _problem(row: Mapping[str, str], before: str | None) -> tuple[str, str] | None:
+def _problem(
+    row: Mapping[str, str], before: str | None, changed: Container[str] | None = None
+) -> tuple[str, str] | None:
     """Why ``row`` cannot be trusted, as (what, hint), or None.
 
     ``before``: the task id cell of the job's previous row, None for its first row.
+    ``changed``: the only columns whose shape may be wrong (the rest come from a row that
+    passed these checks already); None: all of them.
     """
     job, status, task = row["job_id"], row["status"], row["task_id"]
     if job == "job_id" and status == "status":
@@ -261,6 +290,8 @@ def _problem(row: Mapping[str, str], before: str | None) -> tuple[str, str] | No
         known = ", ".join(sorted(STATUSES))
         return what, f"a shifted or swapped column? (statuses: {known}); {_FIX_BY_HAND}"
     for name, (shape, meaning) in _SHAPES.items():
+        if changed is not None and name not in changed:
+            continue
         value = row.get(name, "")
         if value and (not shape.fullmatch(value) or (name == "task_id" and ".." in value)):
             what = f"{name} {_shown(value)} is not {meaning}"
@@ -731,6 +762,8 @@ class Ledger:
         self._synced = clock()
         self._unsynced = False
         self._broken = False
+        self._lines = _LineWriter(header)
+        self._second, self._second_text = -1, ""
 
     @property
     def latest(self) -> Mapping[str, Mapping[str, str]]:
@@ -746,7 +779,8 @@ class Ledger:
         be) is a LedgerError and is not written; an ``error`` text that would make the
         row longer than ``MAX_ROW`` is cut.
         """
-        if bad := sorted(changes.keys() - set(COLUMNS) | changes.keys() & _SET_BY_LEDGER):
+        if not changes.keys() <= _CALLER_SETS:
+            bad = sorted(changes.keys() - set(COLUMNS) | changes.keys() & _SET_BY_LEDGER)
             msg = f"append: {', '.join(bad)}: not a column the caller may set"
             raise ValueError(msg)
         if self._fd is None or self._broken:
@@ -754,20 +788,26 @@ class Ledger:
             raise _error(self.path, what, "open the ledger again (it repairs a cut row)")
         before = self._latest.get(job_id)
         row = dict(before or dict.fromkeys(self._header, ""))
-        row |= {name: "" if value is None else str(value) for name, value in changes.items()}
-        stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        row |= {"time": stamp, "job_id": job_id, "mock": self._mock, "base_url": self._base_url}
-        where = f"{self.path}: job {job_id!r}"
-        if problem := _problem(row, None if before is None else before["task_id"]):
+        for name, value in changes.items():
+            row[name] = "" if value is None else value if type(value) is str else str(value)
+        row["time"] = self._stamp()
+        row["job_id"], row["mock"], row["base_url"] = job_id, self._mock, self._base_url
+        # The previous row passed these checks (when written, or when the ledger was read):
+        # only the changed cells can have a wrong shape.
+        if problem := _problem(row, None if before is None else before["task_id"], changes):
             what = f"refusing to write a row the ledger would not read back: {problem[0]}"
+            where = f"{self.path}: job {job_id!r}"
             raise _error(where, what, "this is a bug of apimart-batch; please report it")
+        row["crc"] = row_crc(row)
         try:
-            data = _line(row, self._header)
+            data = self._lines.line(row)
             if len(data) > MAX_ROW:
                 data = self._shortened(row, len(data))
         except UnicodeEncodeError as exc:
+            where = f"{self.path}: job {job_id!r}"
             raise _error(where, f"not valid Unicode ({exc.reason})", "fix the manifest") from exc
         if len(data) > MAX_ROW:
+            where = f"{self.path}: job {job_id!r}"
             what = f"a row of {len(data)} bytes; rows are at most {MAX_ROW} bytes"
             raise _error(where, what, "shorten the job's prompt or request")
         try:
@@ -779,7 +819,6 @@ class Ledger:
             raise _error(
                 self.path, what, "free disk space; the next run repairs the last row"
             ) from exc
-        row["crc"] = row_crc(row)
         self._latest[job_id] = row
         self._unsynced = True
         if self._clock() - self._synced >= FSYNC_INTERVAL:
@@ -790,7 +829,17 @@ class Ledger:
         text = row["error"].encode()
         keep = max(0, len(text) - (size - MAX_ROW) - 100)
         row["error"] = text[:keep].decode(errors="ignore") + f" [cut: {len(text) - keep} bytes]"
-        return _line(row, self._header)
+        row["crc"] = row_crc(row)
+        return self._lines.line(row)
+
+    def _stamp(self) -> str:
+        """Now in UTC, to the millisecond: ``2026-01-31T12:00:00.123Z``."""
+        now = time.time_ns()
+        second, rest = divmod(now, 1_000_000_000)
+        if second != self._second:  # the date and time part changes once a second
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{rest // 1_000_000:03d}Z"
 
     @property
     def unsynced(self) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import unicodedata
 from dataclasses import replace
@@ -12,7 +11,7 @@ from typing import Any
 from runner.manifest.diagnostics import Reporter
 from runner.manifest.expand import Plan
 from runner.manifest.yamlfile import Pos
-from runner.models import Job
+from runner.models import Job, canonical_json
 
 
 class JobIds:
@@ -29,7 +28,7 @@ class JobIds:
         A taken id is refused even for an invalid job.
         """
         index, entry, _, repeat = plan
-        base = _base_id(entry, combo, job)
+        base = job.job_id if job is not None and job.job_id else _base_id(entry, combo, job)
         if base is None:
             return
         taken = self._taken
@@ -40,7 +39,8 @@ class JobIds:
                 continue
             taken[job_id] = (index, pos)
             if job is not None:
-                self.job_positions.append((replace(job, job_id=job_id), pos))
+                named = job if job_id == job.job_id else replace(job, job_id=job_id)
+                self.job_positions.append((named, pos))
 
     def _refuse(self, job_id: str, index: int, first: int, first_pos: Pos) -> None:
         message = (
@@ -52,13 +52,19 @@ class JobIds:
         self.reporter.at(("jobs", index), message, hint, late=True)
 
 
-def _base_id(entry: dict[str, Any], combo: dict[str, int], job: Job | None) -> str | None:
-    """The id of take 1 (see the schema's description); None if it needs an invalid job."""
+def given_id(entry: dict[str, Any], combo: dict[str, int]) -> str | None:
+    """The id of take 1 when the entry gives an ``id`` (see the schema's description)."""
     given = entry.get("id")
     if isinstance(given, str) and combo:
         chosen = {key: entry["matrix"][key][i] for key, i in combo.items()}
         return f"{given}-{_digest(chosen)[:12]}"
-    if isinstance(given, str):
+    return given if isinstance(given, str) else None
+
+
+def _base_id(entry: dict[str, Any], combo: dict[str, int], job: Job | None) -> str | None:
+    """The id of take 1 (see the schema's description); None if it needs an invalid job."""
+    given = given_id(entry, combo)
+    if given is not None:
         return given
     if job is None:
         return None
@@ -67,8 +73,7 @@ def _base_id(entry: dict[str, Any], combo: dict[str, int], job: Job | None) -> s
 
 
 def _digest(value: Any) -> str:
-    canonical = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
 
 
 def _slug(prompt: str, width: int = 24) -> str:

@@ -22,6 +22,9 @@ from runner.manifest.yamlfile import Pos
 from runner.models import NO_TAGS, Job, Pointer, Upload
 
 _IMAGE_FIELDS = ("image", "image_urls")
+#: Each job key of an entry: its name, the mapping it comes from (None: the matrix), and
+#: where it was written (for a matrix value, built per combination).
+_Layout = list[tuple[str, Mapping[str, Any] | None, DocPath]]
 #: What a local file stands as while the job's request is validated (an upload's URL).
 _UPLOADED = "https://upload.apimart.invalid/local-file.png"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -47,6 +50,7 @@ class JobBuilder:
         self.reporter = reporter
         self.verdicts = Verdicts(validators)
         self.images = LocalImages(folder, reporter)
+        self._layouts: dict[int, tuple[dict[str, Any], dict[str, Any], _Layout | None]] = {}
 
     def build(
         self,
@@ -55,13 +59,27 @@ class JobBuilder:
         defaults: dict[str, Any],
         combo: dict[str, int],
         pos: Pos,
+        *,
+        job_id: str = "",
     ) -> Job | None:
-        """One expanded job (None when invalid; the problems are reported)."""
+        """One expanded job (None when invalid; the problems are reported).
+
+        ``job_id``: its id when the entry gives one (else ``JobIds`` names it later).
+        """
         here: DocPath = ("jobs", index)
         sources: dict[str, DocPath] = {}
         values: dict[str, Any] = {}
+        layout = self._layout(index, entry, defaults, combo)
+        if layout is not None:  # every combination of an entry takes its keys alike
+            for key, origin, fixed in layout:
+                if origin is None:  # the matrix: this combination's value
+                    i = combo[key]
+                    values[key] = _matrix_value(key, entry["matrix"][key][i])
+                    sources[key] = (*here, "matrix", key, i)
+                else:
+                    values[key], sources[key] = origin[key], fixed
         own_image = any(k in entry or k in combo for k in _IMAGE_FIELDS)
-        for key in dict.fromkeys([*defaults, *entry, *combo]):
+        for key in dict.fromkeys([*defaults, *entry, *combo]) if layout is None else ():
             if key in ENTRY_KEYS:
                 continue
             if key in combo:
@@ -101,7 +119,7 @@ class JobBuilder:
         if isinstance(request.get("prompt"), str):
             request["prompt"] = request["prompt"].strip()
         return Job(
-            job_id="",
+            job_id=job_id,
             request=request,
             uploads=uploads,
             defaults=spec.defaults if spec else {},
@@ -112,6 +130,32 @@ class JobBuilder:
             catalogued=spec is not None,
             metadata=merged_metadata(defaults, entry),
         )
+
+    def _layout(
+        self, index: int, entry: dict[str, Any], defaults: dict[str, Any], combo: dict[str, int]
+    ) -> _Layout | None:
+        """Where each of the entry's job keys comes from, in order (as the loop in
+        :meth:`build` decides it), or None when a key is both in the entry and its matrix
+        (that loop reports it, for every combination)."""
+        cached = self._layouts.get(index)
+        if cached is not None and cached[0] is entry and cached[1] is defaults:
+            return cached[2]
+        here: DocPath = ("jobs", index)
+        own_image = any(k in entry or k in combo for k in _IMAGE_FIELDS)
+        layout: _Layout | None = []
+        for key in dict.fromkeys([*defaults, *entry, *combo]):
+            if key in ENTRY_KEYS or layout is None:
+                continue
+            if key in combo and key in entry:
+                layout = None
+            elif key in combo:
+                layout.append((key, None, ()))
+            elif key in entry:
+                layout.append((key, entry, (*here, key)))
+            elif not (key in _IMAGE_FIELDS and own_image):
+                layout.append((key, defaults, ("defaults", key)))
+        self._layouts = {index: (entry, defaults, layout)}  # entries come one at a time
+        return layout
 
     def _uploads(
         self,
@@ -128,7 +172,9 @@ class JobBuilder:
         reports both. A model outside the catalog uploads only the ``image`` shorthand.
         """
         if spec is not None:
-            places = list(upload_pointers(spec, values))
+            # Most jobs have none of the fields that take images: skip the walk for them.
+            wanted = any(not p or p[0] in values for p in spec.uploads)
+            places = list(upload_pointers(spec, values)) if wanted else []
         else:
             images = values.get("image_urls") if from_image else None
             places = [(("image_urls", 0), images[0])] if isinstance(images, list) else []

@@ -8,6 +8,7 @@ the catalog keeps it so).
 from __future__ import annotations
 
 import difflib
+from collections.abc import Hashable
 from functools import partial
 from typing import Any
 
@@ -22,7 +23,7 @@ class Verdicts:
 
     def __init__(self, validators: Validators) -> None:
         self.validators = validators
-        self._verdicts: dict[str, list[Problem]] = {}
+        self._verdicts: dict[Hashable, list[Problem]] = {}
 
     def judge(self, spec: ModelSpec | None, values: dict[str, Any]) -> list[Problem]:
         """The schema's problems with a job; jobs differing only in prompt text share one."""
@@ -33,7 +34,7 @@ class Verdicts:
         prompt = values.get("prompt")
         if isinstance(prompt, str) and prompt.strip():
             probe = {**values, "prompt": "p" * len(prompt)}
-        key = _canonical_or_none(probe)
+        key = _key(probe)
         problems = self._verdicts.get(key) if key is not None else None
         if problems is None:
             problems = explain(validator, probe, registry=validators.catalog.registry,
@@ -77,6 +78,34 @@ class Verdicts:
             allowed = ", ".join(known)
             return f"'{key}' is a field of {shown}, not of {spec.id}; allowed here: {allowed}"
         return None
+
+
+def _key(values: dict[str, Any]) -> Hashable | None:
+    """What the verdict cache keys a job by: equal keys mean equal canonical JSON.
+
+    Plain values (texts, numbers, lists of them) make a tuple, far cheaper than JSON; a
+    number keeps its type (``1``, ``1.0`` and ``true`` differ) and a float its repr
+    (``-0.0``). Anything else is keyed by its canonical JSON.
+    """
+    try:
+        return tuple(sorted((name, _plain(value)) for name, value in values.items()))
+    except _NotPlainError:
+        return _canonical_or_none(values)
+
+
+class _NotPlainError(Exception):
+    """A value :func:`_key` leaves to canonical JSON."""
+
+
+def _plain(value: Any) -> Hashable:
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return kind, value
+    if kind is float:
+        return kind, repr(value)
+    if isinstance(value, list):  # YamlSeq too: JSON sees a list
+        return list, tuple(_plain(item) for item in value)
+    raise _NotPlainError
 
 
 def _canonical_or_none(value: Any) -> str | None:

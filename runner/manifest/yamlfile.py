@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import lru_cache
 from typing import Any, NoReturn, Protocol
 
 import yaml
@@ -88,7 +89,14 @@ class _Loader(Composer, SafeConstructor, Resolver):
         SafeConstructor.__init__(self)
         Resolver.__init__(self)
         self.depth = 0
+        self.nodes = 0
+        self.anchored = False
         self.problems: list[tuple[Pos, str, str | None]] = []
+        # The composer asks for every event several times: straight to the source, not
+        # through the methods below (a third of the parse time went to that layer).
+        self.check_event = self.events.check_event  # type: ignore[method-assign]
+        self.peek_event = self.events.peek_event  # type: ignore[method-assign]
+        self.get_event = self.events.get_event  # type: ignore[method-assign]
 
     def check_event(self, *choices: type[Event]) -> bool:
         """Whether the next event is one of ``choices`` (the composer's input)."""
@@ -105,13 +113,95 @@ class _Loader(Composer, SafeConstructor, Resolver):
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         # PyYAML composes recursively: cap the depth before Python's recursion limit does.
         self.depth += 1
+        self.nodes += 1
         try:
             if self.depth > MAX_NESTING and parent is not None:
                 problem = f"nesting deeper than {MAX_NESTING} levels"
                 raise ComposerError(None, None, problem, parent.start_mark)
-            return super().compose_node(parent, index)
+            node = super().compose_node(parent, index)
+            if parent is None:  # the root: compose_document forgets the anchors after it
+                self.anchored = bool(self.anchors)
+            return node
         finally:
             self.depth -= 1
+
+
+@lru_cache(maxsize=1)
+def _c_composer() -> Callable[[str], Any] | None:
+    """libyaml's parser and composer with the scalar rules of :class:`_Loader`, when PyYAML
+    has libyaml 0.2.5 or later (which caps nesting at 1,000 levels, so its recursive
+    composer cannot overflow the C stack); else None."""
+    try:
+        from yaml._yaml import CParser, get_version
+    except ImportError:
+        return None
+    if tuple(get_version()) < (0, 2, 5):
+        return None
+
+    resolvers = _Loader.yaml_implicit_resolvers
+    starts = frozenset(key for key in resolvers if key)  # no '' key: '' is null, below
+    scalar = Resolver.DEFAULT_SCALAR_TAG
+    collections: dict[type[Node], str] = {MappingNode: Resolver.DEFAULT_MAPPING_TAG,
+                   SequenceNode: Resolver.DEFAULT_SEQUENCE_TAG}
+
+    class Composer(CParser, Resolver):  # libyaml calls these back once a node
+        yaml_implicit_resolvers = resolvers
+
+        def resolve(self, kind: type[Node], value: Any, implicit: Any) -> str:
+            # Resolver.resolve, minus what cannot apply here (path resolvers): most
+            # scalars start with a letter no implicit type starts with.
+            if kind is ScalarNode and (not implicit[0] or (value and value[0] not in starts)):
+                return scalar
+            if kind is not ScalarNode:
+                return collections[kind]
+            return str(Resolver.resolve(self, kind, value, implicit))  # type: ignore[no-untyped-call]
+
+        def descend_resolver(self, *_: object) -> None:
+            """No path resolvers: nothing to track."""
+
+        def ascend_resolver(self) -> None:
+            """No path resolvers: nothing to track."""
+
+    return Composer
+
+
+def _fast_tree(text: str) -> Node | None:
+    """The node tree composed by libyaml, or None where only :class:`_Loader` can say
+    exactly what is wrong, or may be right: anchors (aliases need the walk of
+    :func:`_measure`), nesting deeper than ``MAX_NESTING``, more than ``MAX_NODES`` nodes,
+    any YAML error (its message and position come from the slow path, as always)."""
+    composer = _c_composer()
+    if composer is None or "&" in text:  # no '&': no anchor, so no alias
+        return None
+    parser = composer(text)
+    try:
+        root: Node | None = parser.get_single_node()
+    except yaml.YAMLError:
+        return None
+    finally:
+        parser.dispose()
+    if root is None or not _within_limits(root):
+        return None
+    return root
+
+
+def _within_limits(root: Node) -> bool:
+    """Whether a tree without aliases is at most ``MAX_NESTING`` deep and ``MAX_NODES`` big."""
+    nodes = 1
+    stack: list[tuple[Node, int]] = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, SequenceNode):
+            children = node.value
+        else:
+            continue
+        nodes += len(children)
+        if nodes > MAX_NODES or (children and depth + 1 > MAX_NESTING):
+            return False
+        stack += [(child, depth + 1) for child in children if not isinstance(child, ScalarNode)]
+    return True
 
 
 def _construct_map(loader: _Loader, node: MappingNode) -> Iterator[YamlMap]:
@@ -246,13 +336,23 @@ _YAML_HINTS = (
 
 
 def parse_yaml(text: str) -> tuple[Any, list[tuple[Pos, str, str | None]]]:
-    """The document (None when unusable) and the YAML problems found, with positions."""
+    """The document (None when unusable) and the YAML problems found, with positions.
+
+    libyaml composes the node tree when it can (:func:`_fast_tree`); whenever that path
+    is not sure, the same text goes through the composer here, which says what is wrong.
+    """
     loader = _Loader(text)
     try:
+        node = _fast_tree(text)
+        if node is not None:
+            return loader.construct_document(node), loader.problems
         node = loader.get_single_node()
         if node is None:
             return None, [((1, 1), "the file has no content", "start with 'version: 1'")]
-        _measure(node)
+        if loader.anchored or loader.nodes > MAX_NODES:
+            # Without an anchor there is no alias: the tree is as deep as composing found
+            # (checked there) and has as many nodes as were composed.
+            _measure(node)
         return loader.construct_document(node), loader.problems
     except yaml.MarkedYAMLError as exc:
         where = _pos(exc.problem_mark or exc.context_mark)

@@ -3,14 +3,32 @@
 from __future__ import annotations
 
 from runner.report.html import default_page, write_html
-from runner.report.plan import models_listing, plan_json, render_models, render_plan
-from runner.report.render import Report, build_report, render_csv, render_json, render_table
+from runner.report.jsonout import Later, materialized, write_json
+from runner.report.plan import (
+    models_listing,
+    plan_document,
+    plan_json,
+    render_models,
+    render_plan,
+)
+from runner.report.render import (
+    Report,
+    build_report,
+    json_document,
+    render_csv,
+    render_json,
+    render_table,
+)
 
 __all__ = [
+    "Later",
     "Report",
     "build_report",
     "default_page",
+    "json_document",
+    "materialized",
     "models_listing",
+    "plan_document",
     "plan_json",
     "render_csv",
     "render_json",
@@ -18,4 +36,5 @@ __all__ = [
     "render_plan",
     "render_table",
     "write_html",
+    "write_json",
 ]

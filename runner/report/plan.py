@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from runner.manifest import (
@@ -17,6 +17,7 @@ from runner.manifest import (
     valid_resolutions,
 )
 from runner.models import Job
+from runner.report.jsonout import Later, materialized
 
 _NO_SKIPS: Mapping[str, str] = {}
 _PROMPT_WIDTH = 48
@@ -49,7 +50,10 @@ def render_plan(
     for manifest in manifests:
         lines += ["", f"{manifest.path} ({manifest.name}): {_count(len(manifest.jobs), 'job')}"]
         lines += _table(manifest.jobs, skipped, takes)
-    data = plan_json(manifests, prices, skipped, takes=takes)
+    document = plan_document(manifests, prices, skipped, takes=takes)
+    for _ in document["jobs"]:  # the totals, without a list of every job's JSON
+        pass
+    data = materialized(document)
     totals = data["totals"]
     lines += ["", "Totals (jobs to send)"]
     rows = [["MODEL", "JOBS", "SECONDS", "EST. USD"]]
@@ -103,28 +107,55 @@ def plan_json(
     A job whose price is unknown has ``estimated_usd: null`` and counts in ``unpriced``;
     the totals' ``estimated_usd`` is then the known part only.
     """
-    jobs: list[dict[str, Any]] = []
+    return materialized(plan_document(manifests, prices, skipped, takes=takes))
+
+
+def plan_document(
+    manifests: Sequence[Manifest],
+    prices: Mapping[str, float | None],
+    skipped: Mapping[str, str] = _NO_SKIPS,
+    *,
+    takes: Mapping[str, int] = _NO_TAKES,
+) -> dict[str, Any]:
+    """:func:`plan_json` for :func:`~runner.report.write_json`: the jobs as an iterator and
+    the totals computed once they have been written, so no list of jobs is built."""
     by_model: dict[str, dict[str, Any]] = {}
     used: dict[str, dict[str, Any]] = {}
     unpriced: dict[str, None] = {}
-    for job in (job for manifest in manifests for job in manifest.jobs):
-        usd_per_second, key = rate_and_key(job, prices)
-        cost = estimate(job, prices)
-        skip = skipped.get(job.job_id)
-        jobs.append(_job_json(job, cost, key, skip) | {"take": takes.get(job.job_id, 1)})
-        if skip is not None:
-            continue
-        used[key] = {"usd_per_second": usd_per_second, "source": _source(prices, key)}
-        row = by_model.setdefault(
-            job.model, {"jobs": 0, "seconds": 0, "estimated_usd": 0.0, "unpriced": 0}
-        )
-        row["jobs"] += 1
-        row["seconds"] += job.seconds or 0
-        if cost is None:
-            row["unpriced"] += 1
-            unpriced[key] = None
-        else:
-            row["estimated_usd"] = round(row["estimated_usd"] + cost, 6)
+    skips = [0]
+
+    def jobs() -> Iterator[dict[str, Any]]:
+        for job in (job for manifest in manifests for job in manifest.jobs):
+            usd_per_second, key = rate_and_key(job, prices)
+            cost = estimate(job, prices)
+            skip = skipped.get(job.job_id)
+            yield _job_json(job, cost, key, skip) | {"take": takes.get(job.job_id, 1)}
+            if skip is not None:
+                skips[0] += 1
+                continue
+            used[key] = {"usd_per_second": usd_per_second, "source": _source(prices, key)}
+            row = by_model.setdefault(
+                job.model, {"jobs": 0, "seconds": 0, "estimated_usd": 0.0, "unpriced": 0}
+            )
+            row["jobs"] += 1
+            row["seconds"] += job.seconds or 0
+            if cost is None:
+                row["unpriced"] += 1
+                unpriced[key] = None
+            else:
+                row["estimated_usd"] = round(row["estimated_usd"] + cost, 6)
+
+    def totals() -> dict[str, Any]:
+        return {
+            "jobs": sum(row["jobs"] for row in by_model.values()),
+            "bought_again": len(takes),
+            "skipped": skips[0],
+            "seconds": sum(row["seconds"] for row in by_model.values()),
+            "estimated_usd": round(sum(row["estimated_usd"] for row in by_model.values()), 6),
+            "unpriced": sum(row["unpriced"] for row in by_model.values()),
+            "by_model": dict(sorted(by_model.items())),
+        }
+
     return {
         "estimate": True,
         "currency": "USD",
@@ -133,18 +164,10 @@ def plan_json(
             {"path": m.path, "name": m.name, "jobs": len(m.jobs), "prices": dict(m.prices)}
             for m in manifests
         ],
-        "jobs": jobs,
-        "totals": {
-            "jobs": sum(row["jobs"] for row in by_model.values()),
-            "bought_again": len(takes),
-            "skipped": sum(1 for job in jobs if job["skip"] is not None),
-            "seconds": sum(row["seconds"] for row in by_model.values()),
-            "estimated_usd": round(sum(row["estimated_usd"] for row in by_model.values()), 6),
-            "unpriced": sum(row["unpriced"] for row in by_model.values()),
-            "by_model": dict(sorted(by_model.items())),
-        },
-        "prices": dict(sorted(used.items())),
-        "unpriced": list(unpriced),
+        "jobs": jobs(),
+        "totals": Later(totals),
+        "prices": Later(lambda: dict(sorted(used.items()))),
+        "unpriced": Later(lambda: list(unpriced)),
     }
 
 

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from runner.api import DEFAULT_BASE_URL
 from runner.engine import REGENERABLE, expires_ts, needs_download
@@ -20,6 +21,7 @@ from runner.ledger import COLUMNS, ledger_path, read_latest, write_csv
 from runner.manifest import load_catalog, pricing
 from runner.models import Job
 from runner.report.html import tags
+from runner.report.jsonout import materialized
 from runner.shard import family_base, ledger_shard
 
 EXPIRING_WITHIN = 24 * 3600.0
@@ -270,15 +272,21 @@ def render_json(report: Report) -> str:
     as text (a job id of digits stays text). ``take`` is always there (1 when the ledger has
     no such cell).
     """
-    return json.dumps({
+    return json.dumps(materialized(json_document(report)), indent=2, ensure_ascii=False,
+                      allow_nan=False)
+
+
+def json_document(report: Report) -> dict[str, Any]:
+    """:func:`render_json` for :func:`~runner.report.write_json`: the jobs one at a time."""
+    return {
         "ledger": report.ledger, "ledgers": list(report.ledgers),
-        "jobs": [_typed(row) for row in report.rows],
+        "jobs": (_typed(row) for row in report.rows),
         "totals": report.totals,
         "estimated_usd": round(report.estimated_usd, 2),
         "unpriced_jobs": report.unpriced,
         "reported_usd": round(report.reported_usd, 2),
         "expiring_within_24h": list(report.expiring), "next": list(report.next_steps),
-    }, indent=2, ensure_ascii=False, allow_nan=False)
+    }
 
 
 def _typed(row: Mapping[str, str]) -> dict[str, object]:
