@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Final
 
 from runner.api import DEFAULT_BASE_URL
-from runner.engine import default_out, expires_ts
+from runner.engine import expires_ts
 from runner.errors import UsageError
 from runner.ledger import iter_rows, ledger_path
 from runner.manifest import load_catalog, pricing
@@ -281,6 +281,8 @@ def default_page(ledger: str, videos: str | None = None) -> Path:
     ``--mock`` ledger's page is ``report.mock.html``, so a demo never replaces the page of
     real purchases.
     """
+    from runner.engine import default_out  # its module loads the network code
+
     name = Path(ledger).name
     mock = ".mock." in name
     stem = _LEDGER_SUFFIX.sub("", name) or name
