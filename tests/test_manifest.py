@@ -20,7 +20,7 @@ from runner.errors import ManifestError
 from runner.manifest import loader as manifest_module
 from runner.manifest.catalog import composed_schema, load_catalog, manifest_validators
 from runner.manifest.loader import Manifest, load_manifests
-from runner.manifest.schemas import MANIFEST_SCHEMA, load_schema, schema_text
+from runner.manifest.schemas import MANIFEST_SCHEMA, load_schema, schema_text, surely_valid
 from runner.manifest.yamlfile import parse_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -594,3 +594,13 @@ def test_problems_of_many_entries_point_at_each_entry(
     slow = replace(manifest_validators(), entry_ok=lambda _: False)
     monkeypatch.setattr(manifest_module, "manifest_validators", lambda: slow)
     assert diagnostics() == found
+
+
+def test_the_fast_check_trusts_only_the_then_side_of_if() -> None:
+    """if/then: sure when "if" surely holds and "then" accepts; never sure on the "else" side."""
+    ok = surely_valid({"if": {"type": "array"}, "then": {"items": {"type": "string"}},
+                       "else": {"type": "object"}})
+    assert ok(["a", "b"])
+    assert not ok(["a", 1])
+    assert not ok({"file": "p.txt"})  # valid by "else", but the fast check does not decide it
+    assert not ok(3)

@@ -213,7 +213,8 @@ def surely_valid(schema: Any) -> Check:
     """A fast predicate: True only if ``schema`` (without ``$ref``) surely accepts the value.
 
     It understands a few keywords (types, lengths, patterns, bounds, properties, items,
-    ``propertyNames``, ``dependentSchemas``, ``not`` of ``enum`` or ``required``); a schema
+    ``propertyNames``, ``dependentSchemas``, ``not`` of ``enum`` or ``required``, and
+    ``if``/``then``, trusting only the ``then`` side); a schema
     with any other keyword gives a predicate that is never sure. False means "ask
     jsonschema", which then says what is wrong in its own words.
     """
@@ -253,6 +254,15 @@ def _keyword(keyword: str, value: Any, schema: Mapping[str, Any]) -> Check | Non
             return None
         tests = [_TYPES[n] for n in names]
         return lambda v: any(test(v) for test in tests)
+    if keyword == "if":
+        # Sure only on the "then" side: a value the "if" part is not surely valid for may
+        # still match it, so the "else" side is never trusted and jsonschema decides.
+        test, sure = _compiled(value), _compiled(schema.get("then", True))
+        if test is None or sure is None:
+            return None
+        return lambda v: test(v) and sure(v)
+    if keyword in ("then", "else") and "if" in schema:
+        return lambda _: True  # decided by "if" above
     if keyword == "pattern":
         pattern = re.compile(value)
         return lambda v: not isinstance(v, str) or pattern.search(v) is not None
