@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
@@ -267,9 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a table for people (default), CSV / JSON for programs, or html: a "
                         "self-contained page to review the videos in a browser")
     p.add_argument("--out", metavar="FILE",
-                   help="with --format html: where the page goes (a folder means report.html "
-                        "in it; default: beside the videos, e.g. jobs/videos/example/"
-                        "report.html)")
+                   help="with --format html: where the page goes (an existing folder means "
+                        "report.html in it; default: beside the videos, e.g. jobs/videos/"
+                        "example/report.html)")
     p.set_defaults(func=cmd_report)
 
     p = command("mock-server", "Run the APIMart emulator on 127.0.0.1 (for tests and demos).")
@@ -378,6 +379,8 @@ def _summary_path(args: argparse.Namespace) -> str | None:
     if args.summary_json and not Path(args.summary_json).absolute().parent.is_dir():
         msg = f"--summary-json {args.summary_json}: the folder does not exist"
         raise UsageError(msg)
+    if args.summary_json:
+        report.refuse_special_file(Path(args.summary_json), "--summary-json")
     return str(args.summary_json) if args.summary_json else None
 
 
@@ -651,6 +654,9 @@ def cmd_report(args: argparse.Namespace) -> int:
             msg = f"{ledger}: no such ledger"
             raise LedgerError(msg)
     if args.format == "html":
+        if args.out and not Path(args.out).absolute().parent.is_dir():
+            msg = f"--out {args.out}: the folder does not exist\n  hint: create it first"
+            raise UsageError(msg)
         page = report.write_html(ledgers, Path(args.out) if args.out else None)
         print(page)
         return 0
@@ -713,15 +719,26 @@ def _api_key(args: argparse.Namespace, console: Console, *, required: bool = Tru
     return Secret(key)
 
 
+def _is_http_url(text: str) -> bool:
+    """True for an http(s) URL with a host and, if any, a port from 1 to 65535."""
+    if not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", text):
+        return False
+    try:  # urlsplit refuses a broken IPv6 host ('http://[::1'); .port one out of range
+        parts = urllib.parse.urlsplit(text)
+        return bool(parts.hostname) and parts.port != 0
+    except ValueError:
+        return False
+
+
 def _base_url(url: str) -> str:
-    if not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", url):
+    if not _is_http_url(url):
         msg = f"--base-url: '{url}' is not an http(s) URL, e.g. {DEFAULT_BASE_URL}"
         raise UsageError(msg)
     return url.rstrip("/").removesuffix("/v1")
 
 
 def _http_url(text: str) -> str:
-    if not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", text):
+    if not _is_http_url(text):
         msg = f"must be an http(s) URL, e.g. https://hc-ping.com/UUID, got '{text}'"
         raise argparse.ArgumentTypeError(msg)
     return text

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import threading
 import urllib.parse
 import urllib.request
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 from browser import REQUIRED, Node, dump_dom, find_chromium, mock_run, parse, probe
 
+from runner.cli import main
 from runner.errors import UsageError
 from runner.ledger import COLUMNS, STATUSES, open_ledger, read_latest
 from runner.report.html import (
@@ -346,6 +348,27 @@ def test_write_html_names_the_page_it_cannot_write(tmp_path: Path) -> None:
     (tmp_path / "blocker").write_text("a file, not a folder")
     with pytest.raises(UsageError, match=r"blocker/report\.html: cannot write.*\n  hint: "):
         write_html([str(ledger)], tmp_path / "blocker" / "report.html")
+
+
+def test_write_html_never_replaces_a_device_or_fifo(tmp_path: Path) -> None:
+    """An out path that is a FIFO (or /dev/null) is a UsageError; the FIFO stays a FIFO."""
+    ledger = tmp_path / "a.ledger.csv"
+    downloaded(ledger, "j", video(tmp_path / "videos", "j.mp4"))
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match=r"pipe: not a regular file.*\n  hint: "):
+        write_html([str(ledger)], fifo)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_report_out_into_a_missing_folder_is_exit_2(tmp_path: Path, capsys) -> None:
+    """report --format html --out /no/such/dir/x.html is a usage error; no folder is made."""
+    ledger = tmp_path / "a.ledger.csv"
+    downloaded(ledger, "j", video(tmp_path / "videos", "j.mp4"))
+    out = tmp_path / "no" / "such" / "x.html"
+    assert main(["report", str(ledger), "--format", "html", "--out", str(out)]) == 2
+    assert "the folder does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
 
 
 def test_earlier_takes_on_disk_are_kept_with_their_job(tmp_path: Path) -> None:

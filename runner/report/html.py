@@ -254,6 +254,7 @@ def write_html(ledgers: Sequence[str], out: Path | None = None, *,
     page = default_page(ledgers[0]) if out is None else out
     if page.is_dir():
         page /= PAGE_NAME
+    refuse_special_file(page, "the report page")
     text = render_html(read_entries(ledgers), page=page, title=title or _title(ledgers),
                        ledgers=ledgers)
     tmp = page.with_name(f".{page.name}.{os.getpid()}.tmp")
@@ -269,6 +270,21 @@ def write_html(ledgers: Sequence[str], out: Path | None = None, *,
                "  hint: pass another --out, or check that folder's permissions")
         raise UsageError(msg) from exc
     return page
+
+
+def refuse_special_file(path: Path, what: str) -> None:
+    """Refuse to write ``what`` over ``path`` when that is there and not a regular file.
+
+    Output goes to a temporary file renamed over the target, which would replace a device
+    (``/dev/null``), a FIFO or a socket with a regular file rather than write into it.
+
+    Raises:
+        UsageError: ``path`` exists and is neither a regular file nor a symlink to one.
+    """
+    if path.exists() and not path.is_file():
+        msg = (f"{path}: not a regular file, so {what} is not written there\n"
+               "  hint: name a file (it is replaced whole), or leave the option out")
+        raise UsageError(msg)
 
 
 def default_page(ledger: str, videos: str | None = None) -> Path:
