@@ -182,6 +182,11 @@ def test_a_job_without_a_video_shows_its_state_reason_and_next_command(
     pytest.param("jobs/b.csv", {"manifest": "my jobs.yaml"},
                  "apimart-batch run 'my jobs.yaml' --ledger jobs/b.csv --retry-failed",
                  id="quoted"),
+    pytest.param("jobs/batch.shard-1-of-4.ledger.csv", {},
+                 "apimart-batch run jobs/batch.yaml --shard 1/4 --retry-failed", id="shard"),
+    pytest.param("/data/b.mock.shard-0-of-2.ledger.csv", {"mock": "1", "base_url": "mock"},
+                 "apimart-batch run jobs/batch.yaml --mock --ledger /data/b.mock.ledger.csv "
+                 "--shard 0/2 --retry-failed", id="shard-elsewhere"),
 ])
 def test_the_next_command_targets_the_same_ledger_and_api(
     tmp_path: Path, ledger: str, cells: dict[str, str], command: str

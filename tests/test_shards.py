@@ -21,6 +21,7 @@ import pytest
 import yaml
 from clihelpers import BIN, REPO, cli, write_manifest
 
+from runner.engine import rerun_command
 from runner.ledger import expand_ledgers, family, ledger_path, open_ledger, read_latest
 from runner.shard import Shard, ledger_shard, parse_shard, shard_index
 
@@ -360,6 +361,41 @@ def test_next_steps_of_a_shard_ledger_rerun_its_shard(mock_server, tmp_path: Pat
         "--max-attempts", "1", "--halt-after", "off")
     report = cli(tmp_path, "report", "batch.shard-1-of-2.ledger.csv")
     assert f"apimart-batch run batch.yaml --shard 1/2 --base-url {server.url}" in report.stdout
+
+
+@pytest.mark.parametrize(("manifests", "ledger", "shard", "mock", "command"), [
+    pytest.param(["batch.yaml"], "batch.shard-1-of-2.ledger.csv", None, False,
+                 "apimart-batch run batch.yaml --shard 1/2 --retry-failed", id="beside"),
+    pytest.param(["batch.yaml"], "/data/b.shard-2-of-4.ledger.csv", None, False,
+                 "apimart-batch run batch.yaml --ledger /data/b.ledger.csv --shard 2/4 "
+                 "--retry-failed", id="elsewhere"),
+    pytest.param(["a.yaml", "b.yaml"], None, Shard(0, 3), True,
+                 "apimart-batch run a.yaml b.yaml --mock --shard 0/3 --retry-failed",
+                 id="run-flags"),
+    pytest.param(["batch.yaml"], "/data/b.ledger.csv", Shard(1, 2), False,
+                 "apimart-batch run batch.yaml --ledger /data/b.ledger.csv --shard 1/2 "
+                 "--retry-failed", id="run-ledger-flag"),
+])
+def test_rerun_commands_of_a_shard_keep_its_shard(manifests: list[str], ledger: str | None,
+                                                 shard: Shard | None, mock: bool,
+                                                 command: str) -> None:
+    """A shard's hint reruns that shard (a bare run would take every job of the manifest)."""
+    assert rerun_command(manifests, "--retry-failed", ledger=ledger, mock=mock,
+                         base_url="https://api.apimart.ai", shard=shard) == command
+
+
+def test_status_on_a_shard_ledger_hints_a_rerun_of_that_shard(tmp_path: Path) -> None:
+    """status on a shard ledger with a failed job names 'run ... --shard I/N --retry-failed'."""
+    url = "http://127.0.0.1:9"
+    with open_ledger(tmp_path / "batch.shard-1-of-2.ledger.csv", mock=False,
+                     base_url=url) as book:
+        book.append("job-1", status="submitting", model="sora-2", manifest="batch.yaml")
+        book.append("job-1", status="submitted", task_id="task_01J0000000000000000000000A")
+        book.append("job-1", status="failed", error="content policy")
+    done = cli(tmp_path, "status", "batch.shard-1-of-2.ledger.csv", "--base-url", url)
+    assert done.returncode == 1, done.stderr
+    assert f"apimart-batch run batch.yaml --shard 1/2 --base-url {url} --retry-failed" in \
+        done.stderr
 
 
 # -- recipes -------------------------------------------------------------------------------

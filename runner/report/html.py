@@ -44,9 +44,9 @@ from pathlib import Path
 from typing import Final
 
 from runner.api import DEFAULT_BASE_URL
-from runner.engine import default_out, expires_ts
+from runner.engine import default_out, expires_ts, rerun_command
 from runner.errors import UsageError
-from runner.ledger import iter_rows, ledger_path
+from runner.ledger import iter_rows
 from runner.manifest import load_catalog, pricing
 from runner.models import Job
 
@@ -483,14 +483,9 @@ def _base_url_flag(row: Mapping[str, str]) -> str:
 
 def _run_command(ledger: str, manifest: str, row: Mapping[str, str], *flags: str) -> str:
     """``apimart-batch run`` of the job's manifest with ``flags``, writing to this ledger."""
-    mock = row.get("mock") == "1"
-    words = ["apimart-batch", "run", manifest]
-    if manifest == "MANIFEST" or Path(ledger_path(manifest, mock=mock)).resolve() != \
-            Path(ledger).resolve():
-        words += ["--ledger", ledger]
-    if mock:
-        words.append("--mock")
-    return shlex.join(words) + _base_url_flag(row) + "".join(f" {flag}" for flag in flags)
+    url = row.get("base_url", "")
+    return rerun_command([] if manifest == "MANIFEST" else [manifest], *flags, ledger=ledger,
+                         mock=row.get("mock") == "1", base_url="" if url == "mock" else url)
 
 
 def _prompt(text: str) -> str:
