@@ -74,11 +74,11 @@ exit codes:
   2    invalid usage, manifest or ledger: nothing was sent (or, if the ledger
        became unwritable mid-run, nothing more; the message names any task id)
   3    stopped by the API: key, permission or balance (or the balance check)
-  75   the ledger is in use by another run (with --shard: or a sibling ledger, by a
-       run of another shard count)
+  75   the ledger is in use by another run (with --shard: or a sibling ledger,
+       by a run of another shard count)
+  130  interrupted (SIGINT); 143: terminated (SIGTERM). In-flight requests
+       finish and are recorded; a second signal aborts at once
   141  stdout was closed early (e.g. '| head'); what was recorded stays recorded
-  130  interrupted (SIGINT); 143: terminated (SIGTERM). In-flight requests finish
-       and are recorded; a second signal aborts at once
 """
 #: Each command's own exit codes, for its --help.
 _OFFLINE_CODES = """\
@@ -90,18 +90,20 @@ exit codes:
 _LEDGER_CODES = """\
 exit codes:
   0    nothing needs action
-  1    jobs need action: rejected, error, unknown, failed, cancelled, not_found or
-       expired; tasks of another API left alone; {more}
+  1    jobs need action: rejected, error, unknown, failed, cancelled, not_found
+       or expired; tasks of another API left alone;
+       {more}
   2    invalid usage or ledger
   3    the API refused the key or permission
   75   the ledger is in use by another run
   130  interrupted (SIGINT); 143: terminated (SIGTERM)
+  141  stdout was closed early (e.g. '| head')
 """
 COMMAND_CODES = {
     "run": EXIT_CODES,
     "status": _LEDGER_CODES.format(more="with --wait, tasks still running"),
-    "download": _LEDGER_CODES.format(more="videos not on disk yet, or a file in\n       "
-                                          "the way that was not replaced"),
+    "download": _LEDGER_CODES.format(more="videos not on disk yet, or a file in the way that "
+                                          "was not replaced"),
     "mock-server": "exit codes:\n  0    stopped by Ctrl-C\n  2    invalid usage, or the "
                    "port is in use\n",
 }
@@ -141,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="apimart-batch",
-        description="Validate, submit, record, poll and download APIMart video batches "
+        description="Validate, submit, record, poll and download APIMart video batches\n"
                     "(every model of the catalog: 'apimart-batch models').",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -93,3 +93,15 @@ def test_summary_json_onto_a_fifo_is_refused_and_the_fifo_kept(capsys, tmp_path)
     assert "not a regular file" in capsys.readouterr().err
     assert stat.S_ISFIFO(fifo.stat().st_mode)
     assert not (tmp_path / "l.csv").exists()
+
+
+@pytest.mark.parametrize("command", [None, "validate", "plan", "schema", "models", "run",
+                                     "status", "download", "report", "mock-server"])
+def test_every_help_fits_80_columns(monkeypatch, capsys, command):
+    """Each --help, exit codes included, is at most 80 columns wide on an 80-column terminal."""
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit):
+        main([*([command] if command else []), "--help"])
+    out = capsys.readouterr().out
+    assert "exit codes:" in out
+    assert [line for line in out.splitlines() if len(line) > 80] == []
