@@ -21,6 +21,7 @@ import pytest
 from browser import REQUIRED, Node, dump_dom, find_chromium, mock_run, parse, probe
 
 from runner.cli import main
+from runner.engine import video_folder
 from runner.errors import UsageError
 from runner.ledger import COLUMNS, STATUSES, open_ledger, read_latest
 from runner.report.html import (
@@ -307,10 +308,11 @@ def test_write_html_goes_beside_the_videos_and_merges_ledgers(tmp_path: Path) ->
     """Default: videos/<stem>/report.html by the first ledger; a job in two ledgers shows twice."""
     first, second = tmp_path / "a.ledger.csv", tmp_path / "other" / "b.ledger.csv"
     second.parent.mkdir()
-    downloaded(first, "same-id", video(tmp_path / "videos" / "a", "same-id.mp4"), prompt="one")
+    downloaded(first, "same-id", video(tmp_path / "videos" / "batch", "same-id.mp4"),
+               prompt="one")
     downloaded(second, "same-id", video(second.parent / "videos" / "b", "x.mp4"), prompt="two")
     page = write_html([str(first), str(second)])
-    assert page == tmp_path / "videos" / "a" / "report.html"
+    assert page == tmp_path / "videos" / "batch" / "report.html"  # its rows' jobs/batch.yaml
     cards = cards_of(page.read_text(encoding="utf-8"))
     assert [c.find_all("p", "prompt-text")[0].text for c in cards] == ["one", "two"]
     assert [c.find_all("video")[0].attrs["data-src"] for c in cards] == [
@@ -330,6 +332,22 @@ def test_default_page_sits_with_its_manifests_videos(ledger: str, page: str) -> 
     """The page lands in its manifest's video folder; a mock page never takes a real name."""
     assert default_page(ledger) == Path(page)
     assert default_page(ledger, "/srv/out").parent == Path("/srv/out") / Path(page).parent.name
+
+
+@pytest.mark.parametrize(("manifest", "ledger", "mock"), [
+    pytest.param("jobs/Spring Sale.yaml", "Spring Sale.ledger.csv", False, id="unsafe-stem"),
+    pytest.param("jobs/spring.yaml", "runs.csv", True, id="other-ledger-name"),
+])
+def test_the_default_page_lands_in_the_folder_of_the_videos(tmp_path: Path, manifest: str,
+                                                            ledger: str, mock: bool) -> None:
+    """The page's folder is the one downloads use for the rows' manifest (made safe the same
+    way), and a --mock ledger under any name gets report.mock.html."""
+    path = tmp_path / ledger
+    with open_ledger(path, mock=mock, base_url="mock" if mock else "https://api.apimart.ai") \
+            as book:
+        book.append("j", status="submitting", model="sora-2", manifest=manifest, task_id=None)
+    folder = video_folder(tmp_path / "videos", manifest)
+    assert default_page(str(path)) == folder / ("report.mock.html" if mock else "report.html")
 
 
 def test_write_html_takes_out_as_given_and_a_folder_means_report_html_inside(

@@ -8,7 +8,7 @@ run's environment (the emulator for ``--mock``, signals).
 
 from __future__ import annotations
 
-from runner.engine.download import expires_ts, needs_download
+from runner.engine.download import expires_ts, needs_download, video_folder
 from runner.engine.lifecycle import (
     NEEDS_ACTION,
     LedgerConfig,
@@ -56,6 +56,7 @@ __all__ = [
     "run_download",
     "run_pool",
     "run_status",
+    "video_folder",
     "warn_other_targets",
     "warn_unforeseen",
     "write_json",

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Final
 
 from runner.api import DEFAULT_BASE_URL
-from runner.engine import default_out, expires_ts, rerun_command
+from runner.engine import default_out, expires_ts, rerun_command, video_folder
 from runner.errors import UsageError
 from runner.ledger import iter_rows
 from runner.manifest import load_catalog, pricing
@@ -290,17 +290,24 @@ def refuse_special_file(path: Path, what: str) -> None:
 def default_page(ledger: str, videos: str | None = None) -> Path:
     """Where a ledger's page goes by default: beside the videos its runs download.
 
-    That is ``<videos>/<stem>/report.html``, ``videos`` being the download folder (by
-    default ``videos`` beside the ledger) and ``stem`` the ledger's name without
-    ``.ledger.csv``, ``.mock`` or a shard suffix: for ``jobs/example.ledger.csv``,
-    ``jobs/videos/example/report.html``, the folder of ``jobs/example.yaml``'s videos. A
-    ``--mock`` ledger's page is ``report.mock.html``, so a demo never replaces the page of
-    real purchases.
+    That is the folder of its manifest's videos, ``<videos>/<manifest stem>/report.html``,
+    ``videos`` being the download folder (by default ``videos`` beside the ledger): for
+    ``jobs/example.ledger.csv``, ``jobs/videos/example/report.html``. The manifest is the
+    one the ledger's rows name; for a ledger of several manifests (or none on disk yet) it
+    is the ledger's name without ``.ledger.csv``, ``.mock`` or a shard suffix. A ``--mock``
+    ledger's page is ``report.mock.html``, so a demo never replaces the page of real
+    purchases.
     """
     name = Path(ledger).name
     mock = ".mock." in name
+    manifests: set[str] = set()
+    if Path(ledger).is_file():
+        for row in iter_rows(ledger):
+            manifests.add(row.get("manifest", ""))
+            mock = mock or row.get("mock") == "1"
     stem = _LEDGER_SUFFIX.sub("", name) or name
-    folder = Path(videos if videos is not None else default_out(ledger)) / stem
+    manifest = next(iter(manifests)) if len(manifests) == 1 else stem
+    folder = video_folder(Path(videos if videos is not None else default_out(ledger)), manifest)
     return folder / ("report.mock.html" if mock else PAGE_NAME)
 
 
