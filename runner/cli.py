@@ -659,7 +659,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         if args.out and not Path(args.out).absolute().parent.is_dir():
             msg = f"--out {args.out}: the folder does not exist\n  hint: create it first"
             raise UsageError(msg)
-        page = report.write_html(ledgers, Path(args.out) if args.out else None)
+        page = report.write_html(ledgers, Path(args.out) if args.out else None,
+                                 warn=Console(quiet=True).warn)
         print(page)
         return 0
     if args.out:

@@ -384,6 +384,16 @@ def test_write_html_never_replaces_a_device_or_fifo(tmp_path: Path) -> None:
     assert stat.S_ISFIFO(fifo.stat().st_mode)
 
 
+def test_report_html_warns_of_hand_edits_as_the_other_formats_do(tmp_path: Path, capsys) -> None:
+    """report --format html names a harmless hand edit (a blank line) at FILE:LINE on stderr."""
+    ledger = tmp_path / "a.ledger.csv"
+    downloaded(ledger, "j", video(tmp_path / "videos", "j.mp4"))
+    with ledger.open("a", encoding="utf-8") as file:
+        file.write("\n")
+    assert main(["report", str(ledger), "--format", "html"]) == 0
+    assert f"{ledger}:5: " in capsys.readouterr().err
+
+
 def test_report_out_into_a_missing_folder_is_exit_2(tmp_path: Path, capsys) -> None:
     """report --format html --out /no/such/dir/x.html is a usage error; no folder is made."""
     ledger = tmp_path / "a.ledger.csv"

@@ -37,7 +37,7 @@ import shlex
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -216,8 +216,11 @@ class Entry:
     earlier: tuple[Mapping[str, str], ...] = ()
 
 
-def read_entries(ledgers: Iterable[str]) -> list[Entry]:
+def read_entries(ledgers: Iterable[str], warn: Callable[[str], None] | None = None
+                 ) -> list[Entry]:
     """Every job of every ledger, in ledger order, read without locking.
+
+    ``warn`` receives the ledgers' harmless oddities (hand edits that change no decision).
 
     ``earlier`` holds the last ``downloaded`` row of each earlier take of the job (an
     earlier purchase whose video was downloaded), by take.
@@ -226,7 +229,7 @@ def read_entries(ledgers: Iterable[str]) -> list[Entry]:
     for ledger in ledgers:
         latest: dict[str, Mapping[str, str]] = {}
         takes: dict[str, dict[int, Mapping[str, str]]] = {}
-        for row in iter_rows(ledger):
+        for row in iter_rows(ledger, warn):
             latest[row["job_id"]] = row
             if row.get("status") == "downloaded":
                 takes.setdefault(row["job_id"], {})[_take(row)] = row
@@ -238,7 +241,7 @@ def read_entries(ledgers: Iterable[str]) -> list[Entry]:
 
 
 def write_html(ledgers: Sequence[str], out: Path | None = None, *,
-               title: str | None = None) -> Path:
+               title: str | None = None, warn: Callable[[str], None] | None = None) -> Path:
     """Read ``ledgers`` and write their page atomically; returns where it went.
 
     ``out`` defaults to ``default_page`` of the first ledger (its folder is created if
@@ -255,7 +258,7 @@ def write_html(ledgers: Sequence[str], out: Path | None = None, *,
     if page.is_dir():
         page /= PAGE_NAME
     refuse_special_file(page, "the report page")
-    text = render_html(read_entries(ledgers), page=page, title=title or _title(ledgers),
+    text = render_html(read_entries(ledgers, warn), page=page, title=title or _title(ledgers),
                        ledgers=ledgers)
     tmp = page.with_name(f".{page.name}.{os.getpid()}.tmp")
     try:
