@@ -217,6 +217,18 @@ def test_an_empty_shard_is_a_clean_no_op(mock_server, tmp_path: Path) -> None:
     assert (plan.returncode, json.loads(plan.stdout)["jobs"]) == (0, [])
 
 
+def test_status_and_download_of_an_empty_shard_exit_0(tmp_path: Path) -> None:
+    """status and download --shard I/N selecting no job of the ledger: exit 0, 'no jobs'."""
+    manifest = write_manifest(tmp_path, 2)
+    assert cli(tmp_path, "run", manifest, "--mock", "-q", key=False).returncode == 0
+    empty = next(i for i in range(40) if not shard_ids(i, 40, IDS[:2]))
+    for command in ("status", "download"):
+        done = cli(tmp_path, command, "batch.mock.ledger.csv", "--shard", f"{empty}/40",
+                   key=False)
+        assert done.returncode == 0, done.stderr
+        assert "batch.mock.ledger.csv: no jobs" in done.stdout
+
+
 def test_changing_n_never_sends_a_job_twice(mock_server, tmp_path: Path) -> None:
     """Shards of N=3 (one never run), then N=2, then unsharded: each job created once."""
     server = mock_server("--no-idempotency")

@@ -252,7 +252,8 @@ async def _on_ledger(config: LedgerConfig, console: Console, *, poll: bool, down
         states = Counter(row.get("status", "") for row in rows)
     summary = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
     if not console.quiet:
-        print(f"{config.ledger}: {summary}" + (f" (this run: {_fmt(counts)})" if counts else ""))
+        print(f"{config.ledger}: {summary or 'no jobs'}"
+              + (f" (this run: {_fmt(counts)})" if counts else ""))
     hint = regenerate_hint(rows, ledger=config.ledger, mock=mock, base_url=config.base_url)
     if hint:
         console.warn(hint)
