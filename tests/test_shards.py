@@ -184,6 +184,8 @@ def test_globs_expand_to_ledgers_only(tmp_path: Path) -> None:
                      str(tmp_path / "m.shard-1-of-2.ledger.csv")]
     with pytest.raises(LedgerError, match="no ledger matches"):
         expand_ledgers([str(tmp_path / "nothing-*.csv")])
+    other_name = os.path.join(str(tmp_path), ".", "m.shard-1-of-2.ledger.csv")
+    assert expand_ledgers([found[1], other_name]) == [found[1]]  # one file, read once
 
 
 # -- runs ----------------------------------------------------------------------------------
