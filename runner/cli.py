@@ -711,8 +711,9 @@ def _api_key(args: argparse.Namespace, console: Console, *, required: bool = Tru
                "  hint: put the API key in it, alone on one line")
         raise UsageError(msg)
     if not key:
-        msg = ("no API key: set APIMART_API_KEY or pass --key-file FILE\n"
-               "  hint: add --mock to try the whole run against the built-in emulator")
+        hint = ("add --mock to try the whole run against the built-in emulator"
+                if args.command == "run" else "only the key can ask APIMart about its tasks")
+        msg = f"no API key: set APIMART_API_KEY or pass --key-file FILE\n  hint: {hint}"
         raise UsageError(msg)
     if not (key.isascii() and key.isprintable()) or " " in key:
         where = args.key_file or "APIMART_API_KEY"

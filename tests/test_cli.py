@@ -105,3 +105,14 @@ def test_every_help_fits_80_columns(monkeypatch, capsys, command):
     out = capsys.readouterr().out
     assert "exit codes:" in out
     assert [line for line in out.splitlines() if len(line) > 80] == []
+
+
+def test_status_without_a_key_does_not_suggest_mock(monkeypatch, capsys, tmp_path):
+    """status of a real ledger with no key: exit 2, and no hint at a --mock it does not take."""
+    monkeypatch.delenv("APIMART_API_KEY", raising=False)
+    monkeypatch.delenv("APIMART_API_KEY_FILE", raising=False)
+    ledger = tmp_path / "l.ledger.csv"
+    ledger.write_text("", encoding="utf-8")
+    assert main(["status", str(ledger), "--base-url", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "no API key" in err and "--mock" not in err
