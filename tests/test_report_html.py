@@ -321,6 +321,24 @@ def test_write_html_goes_beside_the_videos_and_merges_ledgers(tmp_path: Path) ->
     assert sorted(p.name for p in page.parent.iterdir()) == ["report.html", "same-id.mp4"]
 
 
+def test_a_job_that_moved_between_shard_ledgers_is_one_card_its_newest_row(
+    tmp_path: Path,
+) -> None:
+    """Failed in b.shard-0-of-2, bought again under N=3: one card, the download, as report."""
+    old, new = tmp_path / "b.shard-0-of-2.ledger.csv", tmp_path / "b.shard-2-of-3.ledger.csv"
+    with open_ledger(old, mock=False, base_url="https://api.apimart.ai") as book:
+        book.append("j", status="submitting", model="sora-2", manifest="jobs/batch.yaml",
+                    task_id=None)
+        book.append("j", status="submitted", task_id="task_j_1")
+        book.append("j", status="failed", error="content policy")
+    downloaded(new, "j", video(tmp_path / "videos" / "batch", "j.take2.mp4"), take=2)
+    for ledgers in ([old, new], [new, old]):
+        [entry] = read_entries([str(ledger) for ledger in ledgers])
+        assert (entry.ledger, entry.row["status"]) == (str(new), "downloaded")
+    cards = cards_of(write_html([str(old), str(new)]).read_text(encoding="utf-8"))
+    assert len(cards) == 1 and cards[0].find_all("code", "command") == []
+
+
 @pytest.mark.parametrize(("ledger", "page"), [
     ("jobs/example.ledger.csv", "jobs/videos/example/report.html"),
     ("jobs/example.mock.ledger.csv", "jobs/videos/example/report.mock.html"),

@@ -1,6 +1,7 @@
 """``report --format html``: one self-contained page to review a batch by looking at it.
 
-One card per job of one or more ledgers (a job id in two ledgers is two cards): the video,
+One card per job of one or more ledgers (a job in two ledgers of one manifest's family is
+one card, its newest row, as in ``report``; in ledgers of two families, two): the video,
 linked by a path relative to the page so the folder can be zipped and shared; the job's
 model and request, status, take, reported and estimated cost, task id, full prompt and
 ``metadata`` tags; for a job with no video, its state, the reason and the command that
@@ -49,6 +50,7 @@ from runner.errors import UsageError
 from runner.ledger import iter_rows
 from runner.manifest import load_catalog, pricing
 from runner.models import Job
+from runner.shard import family_base
 
 PAGE_NAME: Final = "report.html"
 #: What ``default_page`` strips from a ledger's file name to find its manifest's stem.
@@ -220,23 +222,31 @@ def read_entries(ledgers: Iterable[str], warn: Callable[[str], None] | None = No
                  ) -> list[Entry]:
     """Every job of every ledger, in ledger order, read without locking.
 
+    Ledgers of one manifest's family (the unsharded one and its shards) are one view, as
+    in ``report``: a job recorded in several (it moved when N changed) is one card, its
+    newest row. A job id in ledgers of different families is a card for each.
+
     ``warn`` receives the ledgers' harmless oddities (hand edits that change no decision).
 
     ``earlier`` holds the last ``downloaded`` row of each earlier take of the job (an
     earlier purchase whose video was downloaded), by take.
     """
-    entries = []
+    latest: dict[tuple[Path, str], tuple[str, Mapping[str, str]]] = {}
+    takes: dict[tuple[Path, str], dict[int, Mapping[str, str]]] = {}
     for ledger in ledgers:
-        latest: dict[str, Mapping[str, str]] = {}
-        takes: dict[str, dict[int, Mapping[str, str]]] = {}
+        kin = Path(family_base(ledger)).resolve()
         for row in iter_rows(ledger, warn):
-            latest[row["job_id"]] = row
+            key = (kin, row["job_id"])
+            if key not in latest or latest[key][0] == ledger or \
+                    row.get("time", "") >= latest[key][1].get("time", ""):
+                latest[key] = (ledger, row)
             if row.get("status") == "downloaded":
-                takes.setdefault(row["job_id"], {})[_take(row)] = row
-        for job_id, last in latest.items():
-            kept = takes.get(job_id, {})
-            earlier = tuple(kept[n] for n in sorted(kept) if n != _take(last))
-            entries.append(Entry(ledger, last, earlier))
+                takes.setdefault(key, {})[_take(row)] = row
+    entries = []
+    for key, (ledger, last) in latest.items():
+        kept = takes.get(key, {})
+        earlier = tuple(kept[n] for n in sorted(kept) if n != _take(last))
+        entries.append(Entry(ledger, last, earlier))
     return entries
 
 
