@@ -383,6 +383,10 @@ def _summary_path(args: argparse.Namespace) -> str | None:
         raise UsageError(msg)
     if args.summary_json:
         report.refuse_special_file(Path(args.summary_json), "--summary-json")
+        ledgers = (expand_ledgers(args.ledgers) if hasattr(args, "ledgers") else
+                   [ledger_path(m, mock=args.mock, override=args.ledger, shard=args.shard)
+                    for m in args.manifests])
+        report.refuse_ledger(Path(args.summary_json), ledgers, "--summary-json")
     return str(args.summary_json) if args.summary_json else None
 
 

@@ -116,3 +116,13 @@ def test_status_without_a_key_does_not_suggest_mock(monkeypatch, capsys, tmp_pat
     assert main(["status", str(ledger), "--base-url", "http://127.0.0.1:9"]) == 2
     err = capsys.readouterr().err
     assert "no API key" in err and "--mock" not in err
+
+
+def test_summary_json_naming_the_ledger_is_refused(capsys, tmp_path):
+    """--summary-json onto the run's own ledger is exit 2: it would replace the record."""
+    ledger = tmp_path / "l.csv"
+    code = main(["run", EXAMPLE, "--mock", "--ledger", str(ledger), "--summary-json",
+                 str(tmp_path / "." / "l.csv")])
+    assert code == 2
+    assert "that is a ledger" in capsys.readouterr().err
+    assert not ledger.exists()

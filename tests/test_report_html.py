@@ -402,6 +402,17 @@ def test_write_html_never_replaces_a_device_or_fifo(tmp_path: Path) -> None:
     assert stat.S_ISFIFO(fifo.stat().st_mode)
 
 
+def test_report_out_naming_a_ledger_is_refused_and_the_ledger_kept(tmp_path: Path,
+                                                                    capsys) -> None:
+    """report --format html --out LEDGER is exit 2; the ledger stays as it was."""
+    ledger = tmp_path / "a.ledger.csv"
+    downloaded(ledger, "j", video(tmp_path / "videos", "j.mp4"))
+    before = ledger.read_bytes()
+    assert main(["report", str(ledger), "--format", "html", "--out", str(ledger)]) == 2
+    assert "that is a ledger" in capsys.readouterr().err
+    assert ledger.read_bytes() == before
+
+
 def test_report_html_warns_of_hand_edits_as_the_other_formats_do(tmp_path: Path, capsys) -> None:
     """report --format html names a harmless hand edit (a blank line) at FILE:LINE on stderr."""
     ledger = tmp_path / "a.ledger.csv"

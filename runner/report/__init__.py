@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runner.report.html import default_page, refuse_special_file, write_html
+from runner.report.html import default_page, refuse_ledger, refuse_special_file, write_html
 from runner.report.plan import models_listing, plan_json, render_models, render_plan
 from runner.report.render import Report, build_report, render_csv, render_json, render_table
 
@@ -12,6 +12,7 @@ __all__ = [
     "default_page",
     "models_listing",
     "plan_json",
+    "refuse_ledger",
     "refuse_special_file",
     "render_csv",
     "render_json",

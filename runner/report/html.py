@@ -268,6 +268,7 @@ def write_html(ledgers: Sequence[str], out: Path | None = None, *,
     if page.is_dir():
         page /= PAGE_NAME
     refuse_special_file(page, "the report page")
+    refuse_ledger(page, ledgers, "the report page")
     text = render_html(read_entries(ledgers, warn), page=page, title=title or _title(ledgers),
                        ledgers=ledgers)
     tmp = page.with_name(f".{page.name}.{os.getpid()}.tmp")
@@ -297,6 +298,18 @@ def refuse_special_file(path: Path, what: str) -> None:
     if path.exists() and not path.is_file():
         msg = (f"{path}: not a regular file, so {what} is not written there\n"
                "  hint: name a file (it is replaced whole), or leave the option out")
+        raise UsageError(msg)
+
+
+def refuse_ledger(path: Path, ledgers: Iterable[str], what: str) -> None:
+    """Refuse to write ``what`` over one of ``ledgers`` (a slip of the argument order).
+
+    Raises:
+        UsageError: ``path`` is one of ``ledgers`` (under any name).
+    """
+    if any(path.resolve() == Path(ledger).resolve() for ledger in ledgers):
+        msg = (f"{path}: that is a ledger, so {what} is not written there (it would replace "
+               "the record of what was bought)\n  hint: name another file")
         raise UsageError(msg)
 
 
