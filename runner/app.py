@@ -651,7 +651,7 @@ def _print_summary(
                          f"apimart-batch report {ledger} lists them all")
     rows = [row for job in jobs if (row := ledgers.newest(job.job_id)) is not None]
     hint = regenerate_hint(rows, ledger=config.ledger, mock=config.mock,
-                           base_url=config.base_url)
+                           base_url=config.base_url, shard=config.shard)
     if hint:
         console.warn(hint)
     unknown = summary["unknown"]
@@ -669,4 +669,4 @@ def _print_summary(
 def resubmit_command(config: RunConfig) -> str:
     """The command that resends this run's 'unknown' jobs: same manifests, ledger and target."""
     return rerun_command(config.manifests, "--resubmit-unknown", ledger=config.ledger,
-                         mock=config.mock, base_url=config.base_url)
+                         mock=config.mock, base_url=config.base_url, shard=config.shard)

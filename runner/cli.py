@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
@@ -58,11 +59,11 @@ exit codes:
   2    invalid usage, manifest or ledger: nothing was sent (or, if the ledger
        became unwritable mid-run, nothing more; the message names any task id)
   3    stopped by the API: key, permission or balance (or the balance check)
-  75   the ledger is in use by another run (with --shard: or a sibling ledger, by a
-       run of another shard count)
+  75   the ledger is in use by another run (with --shard: or a sibling ledger,
+       by a run of another shard count)
+  130  interrupted (SIGINT); 143: terminated (SIGTERM). In-flight requests
+       finish and are recorded; a second signal aborts at once
   141  stdout was closed early (e.g. '| head'); what was recorded stays recorded
-  130  interrupted (SIGINT); 143: terminated (SIGTERM). In-flight requests finish
-       and are recorded; a second signal aborts at once
 """
 #: Each command's own exit codes, for its --help.
 _OFFLINE_CODES = """\
@@ -74,18 +75,20 @@ exit codes:
 _LEDGER_CODES = """\
 exit codes:
   0    nothing needs action
-  1    jobs need action: rejected, error, unknown, failed, cancelled, not_found or
-       expired; tasks of another API left alone; {more}
+  1    jobs need action: rejected, error, unknown, failed, cancelled, not_found
+       or expired; tasks of another API left alone;
+       {more}
   2    invalid usage or ledger
   3    the API refused the key or permission
   75   the ledger is in use by another run
   130  interrupted (SIGINT); 143: terminated (SIGTERM)
+  141  stdout was closed early (e.g. '| head')
 """
 COMMAND_CODES = {
     "run": EXIT_CODES,
     "status": _LEDGER_CODES.format(more="with --wait, tasks still running"),
-    "download": _LEDGER_CODES.format(more="videos not on disk yet, or a file in\n       "
-                                          "the way that was not replaced"),
+    "download": _LEDGER_CODES.format(more="videos not on disk yet, or a file in the way that "
+                                          "was not replaced"),
     "mock-server": "exit codes:\n  0    stopped by Ctrl-C\n  2    invalid usage, or the "
                    "port is in use\n",
 }
@@ -127,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="apimart-batch",
-        description="Validate, submit, record, poll and download APIMart video batches "
+        description="Validate, submit, record, poll and download APIMart video batches\n"
                     "(every model of the catalog: 'apimart-batch models').",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -254,9 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a table for people (default), CSV / JSON for programs, or html: a "
                         "self-contained page to review the videos in a browser")
     p.add_argument("--out", metavar="FILE",
-                   help="with --format html: where the page goes (a folder means report.html "
-                        "in it; default: beside the videos, e.g. jobs/videos/example/"
-                        "report.html)")
+                   help="with --format html: where the page goes (an existing folder means "
+                        "report.html in it; default: beside the videos, e.g. jobs/videos/"
+                        "example/report.html)")
     p.set_defaults(func=cmd_report)
 
     p = command("mock-server", "Run the APIMart emulator on 127.0.0.1 (for tests and demos).")
@@ -367,6 +370,15 @@ def _summary_path(args: argparse.Namespace) -> str | None:
     if args.summary_json and not Path(args.summary_json).absolute().parent.is_dir():
         msg = f"--summary-json {args.summary_json}: the folder does not exist"
         raise UsageError(msg)
+    if args.summary_json:
+        from runner import report
+        from runner.ledger import expand_ledgers, ledger_path
+
+        report.refuse_special_file(Path(args.summary_json), "--summary-json")
+        ledgers = (expand_ledgers(args.ledgers) if hasattr(args, "ledgers") else
+                   [ledger_path(m, mock=args.mock, override=args.ledger, shard=args.shard)
+                    for m in args.manifests])
+        report.refuse_ledger(Path(args.summary_json), ledgers, "--summary-json")
     return str(args.summary_json) if args.summary_json else None
 
 
@@ -686,7 +698,11 @@ def cmd_report(args: argparse.Namespace) -> int:
             msg = f"{ledger}: no such ledger"
             raise LedgerError(msg)
     if args.format == "html":
-        page = report.write_html(ledgers, Path(args.out) if args.out else None)
+        if args.out and not Path(args.out).absolute().parent.is_dir():
+            msg = f"--out {args.out}: the folder does not exist\n  hint: create it first"
+            raise UsageError(msg)
+        page = report.write_html(ledgers, Path(args.out) if args.out else None,
+                                 warn=Console(quiet=True).warn)
         print(page)
         return 0
     if args.out:
@@ -741,8 +757,9 @@ def _api_key(args: argparse.Namespace, console: Console, *, required: bool = Tru
                "  hint: put the API key in it, alone on one line")
         raise UsageError(msg)
     if not key:
-        msg = ("no API key: set APIMART_API_KEY or pass --key-file FILE\n"
-               "  hint: add --mock to try the whole run against the built-in emulator")
+        hint = ("add --mock to try the whole run against the built-in emulator"
+                if args.command == "run" else "only the key can ask APIMart about its tasks")
+        msg = f"no API key: set APIMART_API_KEY or pass --key-file FILE\n  hint: {hint}"
         raise UsageError(msg)
     if not (key.isascii() and key.isprintable()) or " " in key:
         where = args.key_file or "APIMART_API_KEY"
@@ -752,15 +769,26 @@ def _api_key(args: argparse.Namespace, console: Console, *, required: bool = Tru
     return Secret(key)
 
 
+def _is_http_url(text: str) -> bool:
+    """True for an http(s) URL with a host and, if any, a port from 1 to 65535."""
+    if not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", text):
+        return False
+    try:  # urlsplit refuses a broken IPv6 host ('http://[::1'); .port one out of range
+        parts = urllib.parse.urlsplit(text)
+        return bool(parts.hostname) and parts.port != 0
+    except ValueError:
+        return False
+
+
 def _base_url(url: str) -> str:
-    if not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", url):
+    if not _is_http_url(url):
         msg = f"--base-url: '{url}' is not an http(s) URL, e.g. {DEFAULT_BASE_URL}"
         raise UsageError(msg)
     return url.rstrip("/").removesuffix("/v1")
 
 
 def _http_url(text: str) -> str:
-    if not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", text):
+    if not _is_http_url(text):
         msg = f"must be an http(s) URL, e.g. https://hc-ping.com/UUID, got '{text}'"
         raise argparse.ArgumentTypeError(msg)
     return text

@@ -53,8 +53,8 @@ class Healthcheck:
 
     def ping(self, what: str, body: str = "") -> bool:
         """POST ``body`` to ``URL/what``; False (and a warning) if that failed."""
-        target = ping_url(self.url, what)
         try:
+            target = ping_url(self.url, what)
             status = asyncio.run(self._post(target, body.encode()[:MAX_BODY]))
         except Exception as exc:  # noqa: BLE001 - a ping, whatever breaks it, never fails a run
             why = "no answer in time" if isinstance(exc, TimeoutError) else type(exc).__name__

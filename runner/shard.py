@@ -18,6 +18,8 @@ from typing import Final
 
 #: The variable Kubernetes Indexed Jobs set to the pod's index (0 ... completions - 1).
 INDEX_VARIABLE: Final = "JOB_COMPLETION_INDEX"
+#: The most shards ``--shard`` takes (Kubernetes caps an Indexed Job at 100 000 completions).
+MAX_SHARDS: Final = 100_000
 #: The part a shard adds to a ledger's file name: ``m.shard-2-of-4.ledger.csv``.
 LEDGER_TAG: Final = re.compile(r"\.shard-(\d+)-of-(\d+)")
 
@@ -54,9 +56,12 @@ def parse_shard(text: str, environ: Mapping[str, str] = os.environ) -> Shard:
     if match is None:
         msg = f"must be I/N (0 <= I < N, e.g. 0/4) or auto/N, got '{text}'"
         raise ValueError(msg)
-    count = int(match[2])
+    count = _bounded(match[2])
     if count < 1:
         msg = f"the shard count N must be at least 1, got '{text}'"
+        raise ValueError(msg)
+    if count > MAX_SHARDS:
+        msg = f"the shard count N must be at most {MAX_SHARDS}, got '{text}'"
         raise ValueError(msg)
     raw = match[1]
     where = ""
@@ -70,11 +75,21 @@ def parse_shard(text: str, environ: Mapping[str, str] = os.environ) -> Shard:
         if not re.fullmatch(r"-?[0-9]+", raw):
             msg = f"'{text}': {INDEX_VARIABLE} must be a whole number, got '{raw}'"
             raise ValueError(msg)
-    index = int(raw)
+    index = _bounded(raw)
     if not 0 <= index < count:
-        msg = f"the shard index must be from 0 to {count - 1} for N={count}, got {index}{where}"
+        msg = f"the shard index must be from 0 to {count - 1} for N={count}, got {raw}{where}"
         raise ValueError(msg)
     return Shard(index, count)
+
+
+def _bounded(digits: str) -> int:
+    """``digits`` as an int, or just past ``MAX_SHARDS`` (either sign) when far longer.
+
+    Python refuses ``int()`` of thousands of digits with a message about its own limits.
+    """
+    if len(digits.lstrip("-")) <= len(str(MAX_SHARDS)):
+        return int(digits)
+    return -(MAX_SHARDS + 1) if digits.startswith("-") else MAX_SHARDS + 1
 
 
 def ledger_shard(path: str) -> Shard | None:

@@ -163,10 +163,19 @@ def test_mock_run_wait_end_to_end_produces_the_videos(tmp_path):
     assert done.returncode == 0, done.stderr
     ledger = tmp_path / "example.mock.ledger.csv"
     assert_videos(tmp_path / "videos", ledger)
+    page = tmp_path / "videos" / "example" / "report.mock.html"
+    assert done.stdout.splitlines()[-1] == "review page: videos/example/report.mock.html"
+    assert page.is_file() and page.read_text(encoding="utf-8").count("<article") == 5
+    page.unlink()
     for command in ("status", "download"):
+        again = cli(tmp_path, command, ledger.name, "--no-html" if command == "download" else "-q",
+                    key=False)
+        assert again.returncode == 0, again.stderr
+        assert not page.exists() and "review page" not in again.stdout
         again = cli(tmp_path, command, ledger.name, key=False)
         assert again.returncode == 0, again.stderr
         assert "example.mock.ledger.csv: 5 downloaded" in again.stdout
+    assert "review page: videos/example/report.mock.html" in again.stdout and page.is_file()
     shown = cli(tmp_path, "report", ledger.name, key=False)
     assert "5 jobs: 5 downloaded" in shown.stdout
     assert KEY not in done.stdout + done.stderr

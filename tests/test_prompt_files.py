@@ -125,6 +125,8 @@ PROBLEMS = [
                  "not UTF-8 (byte 0xe9", id="not-utf8"),
     pytest.param(TXT, {"p.txt": SIX + "bin\x00ary\n"}, "p.txt:7:1",
                  "a control character (U+0000)", id="control-character"),
+    pytest.param(TXT, {"p.txt": SIX.encode() + b"a fox\rb cat\r"}, "p.txt:7:1",
+                 "a carriage return (CR) inside the line", id="old-mac-line-ends"),
     pytest.param(TXT, {"p.txt": "a fox\n\n# c\nb\nc\nd\na fox\n"}, "p.txt:7:1",
                  "the same prompt as line 1", id="repeated-line"),
     pytest.param(TXT, {"p.txt": "\ufeffa\n".encode("utf-16")}, "p.txt:1:1",

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import threading
 import urllib.parse
 import urllib.request
@@ -19,6 +20,8 @@ from pathlib import Path
 import pytest
 from browser import REQUIRED, Node, dump_dom, find_chromium, mock_run, parse, probe
 
+from runner.cli import main
+from runner.engine import video_folder
 from runner.errors import UsageError
 from runner.ledger import COLUMNS, STATUSES, open_ledger, read_latest
 from runner.report.html import (
@@ -180,6 +183,11 @@ def test_a_job_without_a_video_shows_its_state_reason_and_next_command(
     pytest.param("jobs/b.csv", {"manifest": "my jobs.yaml"},
                  "apimart-batch run 'my jobs.yaml' --ledger jobs/b.csv --retry-failed",
                  id="quoted"),
+    pytest.param("jobs/batch.shard-1-of-4.ledger.csv", {},
+                 "apimart-batch run jobs/batch.yaml --shard 1/4 --retry-failed", id="shard"),
+    pytest.param("/data/b.mock.shard-0-of-2.ledger.csv", {"mock": "1", "base_url": "mock"},
+                 "apimart-batch run jobs/batch.yaml --mock --ledger /data/b.mock.ledger.csv "
+                 "--shard 0/2 --retry-failed", id="shard-elsewhere"),
 ])
 def test_the_next_command_targets_the_same_ledger_and_api(
     tmp_path: Path, ledger: str, cells: dict[str, str], command: str
@@ -300,16 +308,35 @@ def test_write_html_goes_beside_the_videos_and_merges_ledgers(tmp_path: Path) ->
     """Default: videos/<stem>/report.html by the first ledger; a job in two ledgers shows twice."""
     first, second = tmp_path / "a.ledger.csv", tmp_path / "other" / "b.ledger.csv"
     second.parent.mkdir()
-    downloaded(first, "same-id", video(tmp_path / "videos" / "a", "same-id.mp4"), prompt="one")
+    downloaded(first, "same-id", video(tmp_path / "videos" / "batch", "same-id.mp4"),
+               prompt="one")
     downloaded(second, "same-id", video(second.parent / "videos" / "b", "x.mp4"), prompt="two")
     page = write_html([str(first), str(second)])
-    assert page == tmp_path / "videos" / "a" / "report.html"
+    assert page == tmp_path / "videos" / "batch" / "report.html"  # its rows' jobs/batch.yaml
     cards = cards_of(page.read_text(encoding="utf-8"))
     assert [c.find_all("p", "prompt-text")[0].text for c in cards] == ["one", "two"]
     assert [c.find_all("video")[0].attrs["data-src"] for c in cards] == [
         "same-id.mp4", "../../other/videos/b/x.mp4"]
     assert str(second) in cards[1].text  # each card names its ledger when there are several
     assert sorted(p.name for p in page.parent.iterdir()) == ["report.html", "same-id.mp4"]
+
+
+def test_a_job_that_moved_between_shard_ledgers_is_one_card_its_newest_row(
+    tmp_path: Path,
+) -> None:
+    """Failed in b.shard-0-of-2, bought again under N=3: one card, the download, as report."""
+    old, new = tmp_path / "b.shard-0-of-2.ledger.csv", tmp_path / "b.shard-2-of-3.ledger.csv"
+    with open_ledger(old, mock=False, base_url="https://api.apimart.ai") as book:
+        book.append("j", status="submitting", model="sora-2", manifest="jobs/batch.yaml",
+                    task_id=None)
+        book.append("j", status="submitted", task_id="task_j_1")
+        book.append("j", status="failed", error="content policy")
+    downloaded(new, "j", video(tmp_path / "videos" / "batch", "j.take2.mp4"), take=2)
+    for ledgers in ([old, new], [new, old]):
+        [entry] = read_entries([str(ledger) for ledger in ledgers])
+        assert (entry.ledger, entry.row["status"]) == (str(new), "downloaded")
+    cards = cards_of(write_html([str(old), str(new)]).read_text(encoding="utf-8"))
+    assert len(cards) == 1 and cards[0].find_all("code", "command") == []
 
 
 @pytest.mark.parametrize(("ledger", "page"), [
@@ -323,6 +350,22 @@ def test_default_page_sits_with_its_manifests_videos(ledger: str, page: str) -> 
     """The page lands in its manifest's video folder; a mock page never takes a real name."""
     assert default_page(ledger) == Path(page)
     assert default_page(ledger, "/srv/out").parent == Path("/srv/out") / Path(page).parent.name
+
+
+@pytest.mark.parametrize(("manifest", "ledger", "mock"), [
+    pytest.param("jobs/Spring Sale.yaml", "Spring Sale.ledger.csv", False, id="unsafe-stem"),
+    pytest.param("jobs/spring.yaml", "runs.csv", True, id="other-ledger-name"),
+])
+def test_the_default_page_lands_in_the_folder_of_the_videos(tmp_path: Path, manifest: str,
+                                                            ledger: str, mock: bool) -> None:
+    """The page's folder is the one downloads use for the rows' manifest (made safe the same
+    way), and a --mock ledger under any name gets report.mock.html."""
+    path = tmp_path / ledger
+    with open_ledger(path, mock=mock, base_url="mock" if mock else "https://api.apimart.ai") \
+            as book:
+        book.append("j", status="submitting", model="sora-2", manifest=manifest, task_id=None)
+    folder = video_folder(tmp_path / "videos", manifest)
+    assert default_page(str(path)) == folder / ("report.mock.html" if mock else "report.html")
 
 
 def test_write_html_takes_out_as_given_and_a_folder_means_report_html_inside(
@@ -346,6 +389,48 @@ def test_write_html_names_the_page_it_cannot_write(tmp_path: Path) -> None:
     (tmp_path / "blocker").write_text("a file, not a folder")
     with pytest.raises(UsageError, match=r"blocker/report\.html: cannot write.*\n  hint: "):
         write_html([str(ledger)], tmp_path / "blocker" / "report.html")
+
+
+def test_write_html_never_replaces_a_device_or_fifo(tmp_path: Path) -> None:
+    """An out path that is a FIFO (or /dev/null) is a UsageError; the FIFO stays a FIFO."""
+    ledger = tmp_path / "a.ledger.csv"
+    downloaded(ledger, "j", video(tmp_path / "videos", "j.mp4"))
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match=r"pipe: not a regular file.*\n  hint: "):
+        write_html([str(ledger)], fifo)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_report_out_naming_a_ledger_is_refused_and_the_ledger_kept(tmp_path: Path,
+                                                                    capsys) -> None:
+    """report --format html --out LEDGER is exit 2; the ledger stays as it was."""
+    ledger = tmp_path / "a.ledger.csv"
+    downloaded(ledger, "j", video(tmp_path / "videos", "j.mp4"))
+    before = ledger.read_bytes()
+    assert main(["report", str(ledger), "--format", "html", "--out", str(ledger)]) == 2
+    assert "that is a ledger" in capsys.readouterr().err
+    assert ledger.read_bytes() == before
+
+
+def test_report_html_warns_of_hand_edits_as_the_other_formats_do(tmp_path: Path, capsys) -> None:
+    """report --format html names a harmless hand edit (a blank line) at FILE:LINE on stderr."""
+    ledger = tmp_path / "a.ledger.csv"
+    downloaded(ledger, "j", video(tmp_path / "videos", "j.mp4"))
+    with ledger.open("a", encoding="utf-8") as file:
+        file.write("\n")
+    assert main(["report", str(ledger), "--format", "html"]) == 0
+    assert f"{ledger}:5: " in capsys.readouterr().err
+
+
+def test_report_out_into_a_missing_folder_is_exit_2(tmp_path: Path, capsys) -> None:
+    """report --format html --out /no/such/dir/x.html is a usage error; no folder is made."""
+    ledger = tmp_path / "a.ledger.csv"
+    downloaded(ledger, "j", video(tmp_path / "videos", "j.mp4"))
+    out = tmp_path / "no" / "such" / "x.html"
+    assert main(["report", str(ledger), "--format", "html", "--out", str(out)]) == 2
+    assert "the folder does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
 
 
 def test_earlier_takes_on_disk_are_kept_with_their_job(tmp_path: Path) -> None:

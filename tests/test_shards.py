@@ -21,6 +21,7 @@ import pytest
 import yaml
 from clihelpers import BIN, REPO, cli, write_manifest
 
+from runner.engine import rerun_command
 from runner.ledger import expand_ledgers, family, ledger_path, open_ledger, read_latest
 from runner.shard import Shard, ledger_shard, parse_shard, shard_index
 
@@ -100,6 +101,11 @@ def test_shard_values_that_parse(text: str, environ: dict[str, str], expected: S
      pytest.param("x/3", {}, "must be I/N (0 <= I < N, e.g. 0/4) or auto/N, got 'x/3'", id="x"),
      pytest.param("2", {}, "must be I/N", id="no-slash"),
      pytest.param("0/0", {}, "the shard count N must be at least 1", id="N=0"),
+     pytest.param("0/100001", {}, "the shard count N must be at most 100000", id="N-big"),
+     pytest.param("0/" + "9" * 5000, {}, "the shard count N must be at most 100000",
+                  id="N-huge"),
+     pytest.param("1" * 5000 + "/3", {}, "the shard index must be from 0 to 2 for N=3",
+                  id="I-huge"),
      pytest.param("auto/3", {}, "takes the index from JOB_COMPLETION_INDEX, which is not set",
                   id="auto-unset"),
      pytest.param("auto/3", {"JOB_COMPLETION_INDEX": "3"}, "got 3 (JOB_COMPLETION_INDEX=3)",
@@ -178,6 +184,8 @@ def test_globs_expand_to_ledgers_only(tmp_path: Path) -> None:
                      str(tmp_path / "m.shard-1-of-2.ledger.csv")]
     with pytest.raises(LedgerError, match="no ledger matches"):
         expand_ledgers([str(tmp_path / "nothing-*.csv")])
+    other_name = os.path.join(str(tmp_path), ".", "m.shard-1-of-2.ledger.csv")
+    assert expand_ledgers([found[1], other_name]) == [found[1]]  # one file, read once
 
 
 # -- runs ----------------------------------------------------------------------------------
@@ -209,6 +217,18 @@ def test_an_empty_shard_is_a_clean_no_op(mock_server, tmp_path: Path) -> None:
     assert server.api_requests() == {}
     plan = cli(tmp_path, "plan", manifest, "--shard", f"{empty}/40", "--json")
     assert (plan.returncode, json.loads(plan.stdout)["jobs"]) == (0, [])
+
+
+def test_status_and_download_of_an_empty_shard_exit_0(tmp_path: Path) -> None:
+    """status and download --shard I/N selecting no job of the ledger: exit 0, 'no jobs'."""
+    manifest = write_manifest(tmp_path, 2)
+    assert cli(tmp_path, "run", manifest, "--mock", "-q", key=False).returncode == 0
+    empty = next(i for i in range(40) if not shard_ids(i, 40, IDS[:2]))
+    for command in ("status", "download"):
+        done = cli(tmp_path, command, "batch.mock.ledger.csv", "--shard", f"{empty}/40",
+                   key=False)
+        assert done.returncode == 0, done.stderr
+        assert "batch.mock.ledger.csv: no jobs" in done.stdout
 
 
 def test_changing_n_never_sends_a_job_twice(mock_server, tmp_path: Path) -> None:
@@ -360,6 +380,41 @@ def test_next_steps_of_a_shard_ledger_rerun_its_shard(mock_server, tmp_path: Pat
         "--max-attempts", "1", "--halt-after", "off")
     report = cli(tmp_path, "report", "batch.shard-1-of-2.ledger.csv")
     assert f"apimart-batch run batch.yaml --shard 1/2 --base-url {server.url}" in report.stdout
+
+
+@pytest.mark.parametrize(("manifests", "ledger", "shard", "mock", "command"), [
+    pytest.param(["batch.yaml"], "batch.shard-1-of-2.ledger.csv", None, False,
+                 "apimart-batch run batch.yaml --shard 1/2 --retry-failed", id="beside"),
+    pytest.param(["batch.yaml"], "/data/b.shard-2-of-4.ledger.csv", None, False,
+                 "apimart-batch run batch.yaml --ledger /data/b.ledger.csv --shard 2/4 "
+                 "--retry-failed", id="elsewhere"),
+    pytest.param(["a.yaml", "b.yaml"], None, Shard(0, 3), True,
+                 "apimart-batch run a.yaml b.yaml --mock --shard 0/3 --retry-failed",
+                 id="run-flags"),
+    pytest.param(["batch.yaml"], "/data/b.ledger.csv", Shard(1, 2), False,
+                 "apimart-batch run batch.yaml --ledger /data/b.ledger.csv --shard 1/2 "
+                 "--retry-failed", id="run-ledger-flag"),
+])
+def test_rerun_commands_of_a_shard_keep_its_shard(manifests: list[str], ledger: str | None,
+                                                 shard: Shard | None, mock: bool,
+                                                 command: str) -> None:
+    """A shard's hint reruns that shard (a bare run would take every job of the manifest)."""
+    assert rerun_command(manifests, "--retry-failed", ledger=ledger, mock=mock,
+                         base_url="https://api.apimart.ai", shard=shard) == command
+
+
+def test_status_on_a_shard_ledger_hints_a_rerun_of_that_shard(tmp_path: Path) -> None:
+    """status on a shard ledger with a failed job names 'run ... --shard I/N --retry-failed'."""
+    url = "http://127.0.0.1:9"
+    with open_ledger(tmp_path / "batch.shard-1-of-2.ledger.csv", mock=False,
+                     base_url=url) as book:
+        book.append("job-1", status="submitting", model="sora-2", manifest="batch.yaml")
+        book.append("job-1", status="submitted", task_id="task_01J0000000000000000000000A")
+        book.append("job-1", status="failed", error="content policy")
+    done = cli(tmp_path, "status", "batch.shard-1-of-2.ledger.csv", "--base-url", url)
+    assert done.returncode == 1, done.stderr
+    assert f"apimart-batch run batch.yaml --shard 1/2 --base-url {url} --retry-failed" in \
+        done.stderr
 
 
 # -- recipes -------------------------------------------------------------------------------

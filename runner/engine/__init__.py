@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from runner.engine.download import expires_ts, needs_download
+    from runner.engine.download import expires_ts, needs_download, video_folder
     from runner.engine.lifecycle import (
         NEEDS_ACTION,
         LedgerConfig,
@@ -60,6 +60,7 @@ __all__ = [
     "run_download",
     "run_pool",
     "run_status",
+    "video_folder",
     "warn_other_targets",
     "warn_unforeseen",
     "write_json",
@@ -93,6 +94,7 @@ _HOME = {
     "run_download": "lifecycle",
     "run_pool": "schedule",
     "run_status": "lifecycle",
+    "video_folder": "download",
     "warn_other_targets": "lifecycle",
     "warn_unforeseen": "lifecycle",
     "write_json": "lifecycle",

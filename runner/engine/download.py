@@ -84,10 +84,15 @@ def video_path(out: Path, job_id: str, row: Mapping[str, str], url: str) -> Path
 
     A row of a ledger without a ``manifest`` column (an old version) goes to ``<out>``.
     """
-    manifest = row.get("manifest", "")
-    folder = out / _safe(PurePosixPath(manifest.replace("\\", "/")).stem) if manifest else out
     take = row.get("take", "")
+    folder = video_folder(out, row.get("manifest", ""))
     return folder / file_name(job_id, url, int(take) if take.isdigit() else 1)
+
+
+def video_folder(out: Path, manifest: str) -> Path:
+    """The folder of one manifest's videos: ``<out>/<manifest file stem>`` (made safe as a
+    job file is); ``out`` itself for a row without a manifest (an old ledger)."""
+    return out / _safe(PurePosixPath(manifest.replace("\\", "/")).stem) if manifest else out
 
 
 def expires_ts(row: Mapping[str, str]) -> float | None:

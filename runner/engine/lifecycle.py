@@ -20,7 +20,7 @@ import os
 import shlex
 import signal
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from functools import partial
@@ -44,7 +44,8 @@ from runner.errors import (
     RunnerError,
     UsageError,
 )
-from runner.ledger import Recorder, keep_synced, ledger_is_mock, open_ledger
+from runner.ledger import Recorder, keep_synced, ledger_is_mock, ledger_path, open_ledger
+from runner.shard import Shard, family_base, ledger_shard
 
 #: Queued after every real item (which all have priority 0): "no more downloads".
 _LAST = (1, 0.0, "")
@@ -251,7 +252,8 @@ async def _on_ledger(config: LedgerConfig, console: Console, *, poll: bool, down
         states = Counter(row.get("status", "") for row in rows)
     summary = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
     if not console.quiet:
-        print(f"{config.ledger}: {summary}" + (f" (this run: {_fmt(counts)})" if counts else ""))
+        print(f"{config.ledger}: {summary or 'no jobs'}"
+              + (f" (this run: {_fmt(counts)})" if counts else ""))
     hint = regenerate_hint(rows, ledger=config.ledger, mock=mock, base_url=config.base_url)
     if hint:
         console.warn(hint)
@@ -308,21 +310,39 @@ def write_json(path: str, data: Mapping[str, object], console: Console) -> None:
         console.warn(f"--summary-json {path}: cannot write the summary ({exc.strerror})")
 
 
-def rerun_command(manifests: Iterable[str], flag: str, *, ledger: str | None, mock: bool,
-                  base_url: str) -> str:
-    """The ``run`` command line that acts on these manifests' jobs with ``flag``."""
+def rerun_command(manifests: Sequence[str], *flags: str, ledger: str | None, mock: bool,
+                  base_url: str, shard: Shard | None = None) -> str:
+    """The ``run`` command line that acts again on these manifests' jobs, with ``flags``.
+
+    ``ledger`` is where the jobs are recorded, as written or as ``--ledger`` names it
+    (None: beside the manifest); it is left out when that is the manifest's own ledger. A
+    shard's ledger (``m.shard-1-of-4.ledger.csv``, or ``shard`` given) gives
+    ``--shard 1/4`` and its family's base name as ``--ledger``: without them a rerun
+    would be a run of every job of the manifest, into that ledger.
+    """
+    if shard is None and ledger is not None:
+        shard = ledger_shard(ledger)
+    manifests = list(manifests) or ["MANIFEST"]
     words = ["apimart-batch", "run", *manifests]
-    if ledger:
-        words += ["--ledger", ledger]
     if mock:
         words.append("--mock")
-    elif base_url.rstrip("/") != DEFAULT_BASE_URL:
+    if ledger is not None and not (len(manifests) == 1 and _same_file(
+            ledger_path(manifests[0], mock=mock, shard=shard),
+            ledger_path(manifests[0], mock=mock, override=ledger, shard=shard))):
+        words += ["--ledger", ledger if shard is None else family_base(ledger)]
+    if shard is not None:
+        words += ["--shard", str(shard)]
+    if not mock and base_url and base_url.rstrip("/") != DEFAULT_BASE_URL:
         words += ["--base-url", base_url]
-    return shlex.join([*words, flag])
+    return shlex.join([*words, *flags])
+
+
+def _same_file(a: str, b: str) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def regenerate_hint(rows: Iterable[Mapping[str, str]], *, ledger: str | None, mock: bool,
-                    base_url: str) -> str | None:
+                    base_url: str, shard: Shard | None = None) -> str | None:
     """Which jobs ended with no video to keep, and the command that buys them again."""
     ended = [row for row in rows if row.get("status") in REGENERABLE]
     if not ended:
@@ -332,7 +352,7 @@ def regenerate_hint(rows: Iterable[Mapping[str, str]], *, ledger: str | None, mo
     names = ", ".join(row["job_id"] for row in ended[:10])
     more = f" and {len(ended) - 10} more" if len(ended) > 10 else ""
     command = rerun_command(manifests, "--retry-failed", ledger=ledger, mock=mock,
-                            base_url=base_url)
+                            base_url=base_url, shard=shard)
     return (f"{len(ended)} jobs have no video ({_fmt(states)}): {names}{more}\n"
             f"  hint: to buy them again (a new purchase each, a new take): {command}")
 

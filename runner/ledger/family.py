@@ -135,12 +135,13 @@ def _held(path: str) -> tuple[bool, int | None]:
 
 
 def expand_ledgers(patterns: Sequence[str]) -> list[str]:
-    """Ledger arguments with glob patterns (``'m.*.ledger.csv'``) expanded, each once.
+    """Ledger arguments with glob patterns (``'m.*.ledger.csv'``) expanded, each file once.
 
     A pattern matching nothing is a ``LedgerError``; lock files, cut rows and backups
     beside the ledgers are left out of a pattern's matches.
     """
     found: list[str] = []
+    seen: set[Path] = set()  # one file under two names ('m.csv', './m.csv') counts once
     for pattern in patterns:
         if Path(pattern).exists() or not glob.has_magic(pattern):
             matches: Iterable[str] = [pattern]
@@ -151,5 +152,8 @@ def expand_ledgers(patterns: Sequence[str]) -> list[str]:
             if not matches:
                 msg = f"{pattern}: no ledger matches\n  hint: check the pattern and the folder"
                 raise LedgerError(msg)
-        found += [name for name in matches if name not in found]
+        for name in matches:
+            if (real := Path(name).resolve()) not in seen:
+                seen.add(real)
+                found.append(name)
     return found

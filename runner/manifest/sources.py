@@ -73,6 +73,12 @@ def _read(
             message = f"a control character (U+{ord(bad):04X}) in this prompt"
             reporter.in_source(source, line, message, "is this a text file? save it as UTF-8 text")
             problems += 1
+        elif not column and "\r" in prompt:
+            # Only a CR that no LF follows is left after strip(): old Mac line ends, which
+            # would make the whole file one prompt.
+            reporter.in_source(source, line, "a carriage return (CR) inside the line",
+                               "save the file with LF or CRLF line ends: one prompt a line")
+            problems += 1
         elif prompt in first:
             message = f"the same prompt as line {first[prompt]}: both would be one job"
             hint = "remove one; for several takes of one prompt use 'repeat: N' on the entry"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runner.report.html import default_page, write_html
+from runner.report.html import default_page, refuse_ledger, refuse_special_file, write_html
 from runner.report.jsonout import Later, materialized, write_json
 from runner.report.plan import (
     models_listing,
@@ -30,6 +30,8 @@ __all__ = [
     "models_listing",
     "plan_document",
     "plan_json",
+    "refuse_ledger",
+    "refuse_special_file",
     "render_csv",
     "render_json",
     "render_models",

@@ -1,6 +1,7 @@
 """``report --format html``: one self-contained page to review a batch by looking at it.
 
-One card per job of one or more ledgers (a job id in two ledgers is two cards): the video,
+One card per job of one or more ledgers (a job in two ledgers of one manifest's family is
+one card, its newest row, as in ``report``; in ledgers of two families, two): the video,
 linked by a path relative to the page so the folder can be zipped and shared; the job's
 model and request, status, take, reported and estimated cost, task id, full prompt and
 ``metadata`` tags; for a job with no video, its state, the reason and the command that
@@ -37,18 +38,19 @@ import shlex
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
 from runner.api import DEFAULT_BASE_URL
-from runner.engine import expires_ts
+from runner.engine import expires_ts, video_folder
 from runner.errors import UsageError
-from runner.ledger import iter_rows, ledger_path
+from runner.ledger import iter_rows
 from runner.manifest import load_catalog, pricing
 from runner.models import Job
+from runner.shard import family_base
 
 PAGE_NAME: Final = "report.html"
 #: What ``default_page`` strips from a ledger's file name to find its manifest's stem.
@@ -216,29 +218,40 @@ class Entry:
     earlier: tuple[Mapping[str, str], ...] = ()
 
 
-def read_entries(ledgers: Iterable[str]) -> list[Entry]:
+def read_entries(ledgers: Iterable[str], warn: Callable[[str], None] | None = None
+                 ) -> list[Entry]:
     """Every job of every ledger, in ledger order, read without locking.
+
+    Ledgers of one manifest's family (the unsharded one and its shards) are one view, as
+    in ``report``: a job recorded in several (it moved when N changed) is one card, its
+    newest row. A job id in ledgers of different families is a card for each.
+
+    ``warn`` receives the ledgers' harmless oddities (hand edits that change no decision).
 
     ``earlier`` holds the last ``downloaded`` row of each earlier take of the job (an
     earlier purchase whose video was downloaded), by take.
     """
-    entries = []
+    latest: dict[tuple[Path, str], tuple[str, Mapping[str, str]]] = {}
+    takes: dict[tuple[Path, str], dict[int, Mapping[str, str]]] = {}
     for ledger in ledgers:
-        latest: dict[str, Mapping[str, str]] = {}
-        takes: dict[str, dict[int, Mapping[str, str]]] = {}
-        for row in iter_rows(ledger):
-            latest[row["job_id"]] = row
+        kin = Path(family_base(ledger)).resolve()
+        for row in iter_rows(ledger, warn):
+            key = (kin, row["job_id"])
+            if key not in latest or latest[key][0] == ledger or \
+                    row.get("time", "") >= latest[key][1].get("time", ""):
+                latest[key] = (ledger, row)
             if row.get("status") == "downloaded":
-                takes.setdefault(row["job_id"], {})[_take(row)] = row
-        for job_id, last in latest.items():
-            kept = takes.get(job_id, {})
-            earlier = tuple(kept[n] for n in sorted(kept) if n != _take(last))
-            entries.append(Entry(ledger, last, earlier))
+                takes.setdefault(key, {})[_take(row)] = row
+    entries = []
+    for key, (ledger, last) in latest.items():
+        kept = takes.get(key, {})
+        earlier = tuple(kept[n] for n in sorted(kept) if n != _take(last))
+        entries.append(Entry(ledger, last, earlier))
     return entries
 
 
 def write_html(ledgers: Sequence[str], out: Path | None = None, *,
-               title: str | None = None) -> Path:
+               title: str | None = None, warn: Callable[[str], None] | None = None) -> Path:
     """Read ``ledgers`` and write their page atomically; returns where it went.
 
     ``out`` defaults to ``default_page`` of the first ledger (its folder is created if
@@ -254,7 +267,9 @@ def write_html(ledgers: Sequence[str], out: Path | None = None, *,
     page = default_page(ledgers[0]) if out is None else out
     if page.is_dir():
         page /= PAGE_NAME
-    text = render_html(read_entries(ledgers), page=page, title=title or _title(ledgers),
+    refuse_special_file(page, "the report page")
+    refuse_ledger(page, ledgers, "the report page")
+    text = render_html(read_entries(ledgers, warn), page=page, title=title or _title(ledgers),
                        ledgers=ledgers)
     tmp = page.with_name(f".{page.name}.{os.getpid()}.tmp")
     try:
@@ -271,22 +286,56 @@ def write_html(ledgers: Sequence[str], out: Path | None = None, *,
     return page
 
 
+def refuse_special_file(path: Path, what: str) -> None:
+    """Refuse to write ``what`` over ``path`` when that is there and not a regular file.
+
+    Output goes to a temporary file renamed over the target, which would replace a device
+    (``/dev/null``), a FIFO or a socket with a regular file rather than write into it.
+
+    Raises:
+        UsageError: ``path`` exists and is neither a regular file nor a symlink to one.
+    """
+    if path.exists() and not path.is_file():
+        msg = (f"{path}: not a regular file, so {what} is not written there\n"
+               "  hint: name a file (it is replaced whole), or leave the option out")
+        raise UsageError(msg)
+
+
+def refuse_ledger(path: Path, ledgers: Iterable[str], what: str) -> None:
+    """Refuse to write ``what`` over one of ``ledgers`` (a slip of the argument order).
+
+    Raises:
+        UsageError: ``path`` is one of ``ledgers`` (under any name).
+    """
+    if any(path.resolve() == Path(ledger).resolve() for ledger in ledgers):
+        msg = (f"{path}: that is a ledger, so {what} is not written there (it would replace "
+               "the record of what was bought)\n  hint: name another file")
+        raise UsageError(msg)
+
+
 def default_page(ledger: str, videos: str | None = None) -> Path:
     """Where a ledger's page goes by default: beside the videos its runs download.
 
-    That is ``<videos>/<stem>/report.html``, ``videos`` being the download folder (by
-    default ``videos`` beside the ledger) and ``stem`` the ledger's name without
-    ``.ledger.csv``, ``.mock`` or a shard suffix: for ``jobs/example.ledger.csv``,
-    ``jobs/videos/example/report.html``, the folder of ``jobs/example.yaml``'s videos. A
-    ``--mock`` ledger's page is ``report.mock.html``, so a demo never replaces the page of
-    real purchases.
+    That is the folder of its manifest's videos, ``<videos>/<manifest stem>/report.html``,
+    ``videos`` being the download folder (by default ``videos`` beside the ledger): for
+    ``jobs/example.ledger.csv``, ``jobs/videos/example/report.html``. The manifest is the
+    one the ledger's rows name; for a ledger of several manifests (or none on disk yet) it
+    is the ledger's name without ``.ledger.csv``, ``.mock`` or a shard suffix. A ``--mock``
+    ledger's page is ``report.mock.html``, so a demo never replaces the page of real
+    purchases.
     """
     from runner.engine import default_out  # its module loads the network code
 
     name = Path(ledger).name
     mock = ".mock." in name
+    manifests: set[str] = set()
+    if Path(ledger).is_file():
+        for row in iter_rows(ledger):
+            manifests.add(row.get("manifest", ""))
+            mock = mock or row.get("mock") == "1"
     stem = _LEDGER_SUFFIX.sub("", name) or name
-    folder = Path(videos if videos is not None else default_out(ledger)) / stem
+    manifest = next(iter(manifests)) if len(manifests) == 1 else stem
+    folder = video_folder(Path(videos if videos is not None else default_out(ledger)), manifest)
     return folder / ("report.mock.html" if mock else PAGE_NAME)
 
 
@@ -469,14 +518,11 @@ def _base_url_flag(row: Mapping[str, str]) -> str:
 
 def _run_command(ledger: str, manifest: str, row: Mapping[str, str], *flags: str) -> str:
     """``apimart-batch run`` of the job's manifest with ``flags``, writing to this ledger."""
-    mock = row.get("mock") == "1"
-    words = ["apimart-batch", "run", manifest]
-    if manifest == "MANIFEST" or Path(ledger_path(manifest, mock=mock)).resolve() != \
-            Path(ledger).resolve():
-        words += ["--ledger", ledger]
-    if mock:
-        words.append("--mock")
-    return shlex.join(words) + _base_url_flag(row) + "".join(f" {flag}" for flag in flags)
+    from runner.engine import rerun_command  # its module loads the network code
+
+    url = row.get("base_url", "")
+    return rerun_command([] if manifest == "MANIFEST" else [manifest], *flags, ledger=ledger,
+                         mock=row.get("mock") == "1", base_url="" if url == "mock" else url)
 
 
 def _prompt(text: str) -> str:

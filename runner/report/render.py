@@ -12,17 +12,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from runner.api import DEFAULT_BASE_URL
 from runner.engine import REGENERABLE, expires_ts, needs_download
-from runner.ledger import COLUMNS, ledger_path, read_latest, write_csv
-from runner.manifest import load_catalog, pricing
-from runner.models import Job
-from runner.report.html import tags
+from runner.ledger import COLUMNS, read_latest, write_csv
+from runner.report.html import estimate, tags
 from runner.report.jsonout import materialized
-from runner.shard import family_base, ledger_shard
 
 EXPIRING_WITHIN = 24 * 3600.0
 #: The table's fixed columns (name, width); each job's error follows them in full.
@@ -93,7 +89,7 @@ def build_report(
 def _report(ledger: str | None, rows: list[dict[str, str]], now: float, *,
             ledgers: Sequence[str] = ()) -> Report:
     totals = Counter(row.get("status", "") for row in rows)
-    estimates = [_estimate(row) for row in rows if row.get("task_id")]
+    estimates = [estimate(row) for row in rows if row.get("task_id")]
     estimated = sum(cost for cost in estimates if cost is not None)
     unpriced = sum(1 for cost in estimates if cost is None)
     reported = sum(_float(row.get("cost", "")) for row in rows)
@@ -107,11 +103,15 @@ def _report(ledger: str | None, rows: list[dict[str, str]], now: float, *,
 def _next_steps(
     ledger: str, rows: Sequence[Mapping[str, str]], totals: Mapping[str, int], now: float
 ) -> list[str]:
+    from runner.engine import rerun_command  # its module loads the network code
+
     steps = []
     mock = any(row.get("mock") == "1" for row in rows)
-    target = _target_flags(rows, mock=mock)
+    url = _target_url(rows)
+    own_api = mock or url.rstrip("/") == DEFAULT_BASE_URL
+    target = "" if own_api else " --base-url " + shlex.quote(url)
     manifests = sorted({row.get("manifest", "") for row in rows if row.get("manifest")})
-    run = _run_command(ledger, manifests, mock=mock) + target
+    run = rerun_command(manifests, ledger=ledger, mock=mock, base_url=url)
     media = shlex.quote(ledger) + target
     unknown = totals.get("unknown", 0) + totals.get("submitting", 0)
     if unknown:
@@ -147,47 +147,10 @@ def _next_steps(
     return steps
 
 
-def _run_command(ledger: str, manifests: Sequence[str], *, mock: bool) -> str:
-    """``apimart-batch run`` for the ledger's manifests, writing to this same ledger."""
-    words = ["apimart-batch", "run", *(manifests or ["MANIFEST"])]
-    if mock:
-        words.append("--mock")
-    shard = ledger_shard(ledger)
-    beside = len(manifests) == 1 and _same_file(
-        ledger_path(manifests[0], mock=mock, shard=shard), ledger)
-    if manifests and not beside:
-        words += ["--ledger", family_base(ledger) if shard is not None else ledger]
-    if shard is not None:
-        words += ["--shard", str(shard)]
-    return shlex.join(words)
-
-
-def _target_flags(rows: Sequence[Mapping[str, str]], *, mock: bool) -> str:
-    """`` --base-url URL`` when the ledger's tasks live on another API than the default."""
+def _target_url(rows: Sequence[Mapping[str, str]]) -> str:
+    """The API the ledger's tasks live on: its last row's ``base_url`` (default: APIMart)."""
     urls = [row["base_url"] for row in rows if row.get("base_url")]
-    url = urls[-1] if urls else DEFAULT_BASE_URL
-    if mock or url.rstrip("/") == DEFAULT_BASE_URL:
-        return ""
-    return " --base-url " + shlex.quote(url)
-
-
-def _same_file(a: str, b: str) -> bool:
-    return Path(a).resolve() == Path(b).resolve()
-
-
-def _estimate(row: Mapping[str, str]) -> float | None:
-    """The built-in estimate of a recorded job, from its common columns (None: unknown)."""
-    model = row.get("model", "")
-    spec = load_catalog().get(model)
-    fields = spec.fields if spec is not None else {}
-    request: dict[str, object] = {"model": model}
-    if row.get("duration", "").isdecimal() and "duration" in fields:
-        request[fields["duration"]] = int(row["duration"])
-    if row.get("resolution") and "resolution" in fields:
-        request[fields["resolution"]] = row["resolution"]
-    job = Job(job_id=row.get("job_id", ""), request=request,
-              defaults=spec.defaults if spec is not None else {}, fields=fields)
-    return pricing.estimate(job)
+    return urls[-1] if urls else DEFAULT_BASE_URL
 
 
 def _float(text: str) -> float:
