@@ -576,8 +576,10 @@ def _finish(
         "changed": [d.job.job_id for d in outcome.changed],
         "unknown": unknown,
         "needs_action": needs_action(
+            # Only the rows it keeps are copied, not every job's.
             [{**row, "manifest": job.manifest} for job in jobs
-             if (row := ledgers.newest(job.job_id)) is not None],
+             if (row := ledgers.newest(job.job_id)) is not None
+             and row.get("status") in NEEDS_ACTION],
             {job.job_id: job.line for job in jobs},
         ),
         "held_by_max_jobs": outcome.held_by_max_jobs,
