@@ -37,6 +37,7 @@ from runner.engine import (
     warn_unforeseen,
     write_json,
 )
+from runner.engine.runtime import fewer_collections
 from runner.errors import (
     EXIT_API_STOPPED,
     EXIT_JOBS_FAILED,
@@ -237,8 +238,9 @@ async def run(config: RunConfig, console: Console) -> int:
             if selected and config.check_balance:
                 selected = await _check_balance(client, selected, prices, config, outcome,
                                                 console)
-            await _submit_all(selected, client, ledgers, config, console, outcome,
-                              every=[job.job_id for job in jobs], out=out)
+            with fewer_collections():
+                await _submit_all(selected, client, ledgers, config, console, outcome,
+                                  every=[job.job_id for job in jobs], out=out)
         # Only what reached the API may cost money: submitted, or unknown (maybe billed).
         sent = [job for job in selected if ledgers.latest.get(job.job_id, {}).get("status")
                 not in (None, "error", "rejected")]
