@@ -37,6 +37,7 @@ from runner.engine import (
     warn_unforeseen,
     write_json,
 )
+from runner.engine.runtime import fewer_collections
 from runner.errors import (
     EXIT_API_STOPPED,
     EXIT_JOBS_FAILED,
@@ -223,8 +224,9 @@ async def run(config: RunConfig, console: Console) -> int:
             if selected and config.check_balance:
                 selected = await _check_balance(client, selected, prices, config, outcome,
                                                 console)
-            await _submit_all(selected, client, ledgers, config, console, outcome,
-                              every=[job.job_id for job in jobs], out=out)
+            with fewer_collections():
+                await _submit_all(selected, client, ledgers, config, console, outcome,
+                                  every=[job.job_id for job in jobs], out=out)
         # Only what reached the API may cost money: submitted, or unknown (maybe billed).
         sent = [job for job in selected if ledgers.latest.get(job.job_id, {}).get("status")
                 not in (None, "error", "rejected")]
@@ -546,8 +548,10 @@ def _finish(
         "changed": [d.job.job_id for d in outcome.changed],
         "unknown": unknown,
         "needs_action": needs_action(
+            # Only the rows it keeps are copied, not every job's.
             [{**row, "manifest": job.manifest} for job in jobs
-             if (row := ledgers.newest(job.job_id)) is not None],
+             if (row := ledgers.newest(job.job_id)) is not None
+             and row.get("status") in NEEDS_ACTION],
             {job.job_id: job.line for job in jobs},
         ),
         "held_by_max_jobs": outcome.held_by_max_jobs,

@@ -90,17 +90,20 @@ class Console:
         tally = self._tally
         if tally is None or self.quiet:
             return
+        # Called for every ledger row: the clock is read before the counts are.
+        now = self._clock()
+        if self._bar is not None:
+            if not force and now - self._last_refresh < _REFRESH:
+                return
+        elif now - self._last_line < self.interval:
+            return
         snapshot = self._snapshot(tally)
         if snapshot == self._shown:
             return
-        now = self._clock()
         if self._bar is not None:
-            if force or now - self._last_refresh >= _REFRESH:
-                self._shown, self._last_refresh = snapshot, now
-                self._bar.n = tally.done
-                self._bar.set_description_str(self._short(), refresh=True)
-            return
-        if now - self._last_line < self.interval:
+            self._shown, self._last_refresh = snapshot, now
+            self._bar.n = tally.done
+            self._bar.set_description_str(self._short(), refresh=True)
             return
         self._shown, self._last_line = snapshot, now
         if self.json_lines:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import csv
 import functools
+import gc
 import io
 import json
 import os
@@ -29,6 +30,7 @@ from runner.app import RunConfig
 from runner.cli import build_parser
 from runner.console import Console
 from runner.emulator import contract as emulator_contract
+from runner.engine.runtime import BUSY_GC_THRESHOLD, fewer_collections
 from runner.engine.schedule import Limiter
 from runner.engine.submit import Submitter, job_fields
 from runner.errors import LedgerError, LedgerLockedError, ManifestError
@@ -632,3 +634,19 @@ async def test_json_log_lines_and_quiet(emulator, tmp_path):
     quiet = await run_batch(srv, manifest, console=Console(quiet=True, stream=quiet_stream))
     assert quiet.out == ""
     assert quiet_stream.getvalue().startswith("warning: 1 jobs are 'unknown'")
+
+
+def test_the_submit_phase_collects_the_young_generation_less_often_then_restores_it():
+    """fewer_collections raises only the first threshold, restores all three, and keeps a
+    collector switched off (threshold 0) off."""
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 11, 12)
+        with fewer_collections():
+            assert gc.get_threshold() == (BUSY_GC_THRESHOLD, 11, 12)
+        assert gc.get_threshold() == (700, 11, 12)
+        gc.set_threshold(0, 11, 12)
+        with fewer_collections():
+            assert gc.get_threshold() == (0, 11, 12)
+    finally:
+        gc.set_threshold(*before)

@@ -120,6 +120,9 @@ def parse_json(raw: bytes | None) -> object:
         value = json.loads(raw)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
+    # Each level opens with a bracket: a body with few of them cannot nest too deep.
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return value
     return None if _too_deep(value, MAX_JSON_DEPTH) else value
 
 
@@ -142,22 +145,22 @@ def read_submitted(answer: Answer, body: object, what: str, secret: Secret) -> S
         return None
     assert isinstance(body, dict)
     found = task_ids(body)
-    head = headline(answer.status, what)
-    hint = "\n  hint: the task may exist; check the APIMart console before sending the job again"
+    task_id = found[0] if found else None
     if not found:
-        msg = f"{head}: the answer names no task id{hint}"
-        raise AmbiguousError(msg, status=answer.status)
-    if any(other != found[0] for other in found[1:]):
-        names = ", ".join(quoted(task_id, secret) for task_id in found[:5])
-        msg = f"{head}: the answer names {len(found)} tasks ({names}) for one request{hint}"
-        raise AmbiguousError(msg, status=answer.status)
-    task_id = found[0]
-    if not valid_task_id(task_id) or scrub(str(task_id), secret) != task_id:
-        msg = f"{head}: the answer's task id is not one: {quoted(task_id, secret)}{hint}"
-        raise AmbiguousError(msg, status=answer.status)
-    assert isinstance(task_id, str)
-    replayed = answer.headers.get("Idempotency-Replayed", "").lower() == "true"
-    return Submitted(task_id=task_id, http_status=answer.status, replayed=replayed)
+        problem = "the answer names no task id"
+    elif any(other != task_id for other in found[1:]):
+        names = ", ".join(quoted(each, secret) for each in found[:5])
+        problem = f"the answer names {len(found)} tasks ({names}) for one request"
+    elif not valid_task_id(task_id) or scrub(str(task_id), secret) != task_id:
+        problem = f"the answer's task id is not one: {quoted(task_id, secret)}"
+    else:
+        assert isinstance(task_id, str)
+        replayed = answer.headers.get("Idempotency-Replayed", "").lower() == "true"
+        return Submitted(task_id=task_id, http_status=answer.status, replayed=replayed)
+    # Built only for a failure: a success never formats the message.
+    hint = "\n  hint: the task may exist; check the APIMart console before sending the job again"
+    msg = f"{headline(answer.status, what)}: {problem}{hint}"
+    raise AmbiguousError(msg, status=answer.status)
 
 
 def read_task(

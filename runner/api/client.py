@@ -111,6 +111,11 @@ class Client:
     response_version: str | None = None
     _session: aiohttp.ClientSession | None = None
     _files: aiohttp.ClientSession | None = None
+    #: Built once per client, not per request: the key's header and each time limit.
+    _auth: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    _limits: dict[float, aiohttp.ClientTimeout] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     async def __aenter__(self) -> Client:
         # Downloads get a pool of their own: a POST must never wait behind a slow video
@@ -138,17 +143,24 @@ class Client:
         return opened(self._session)
 
     def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        headers = {"Authorization": f"Bearer {self.api_key.reveal()}"}
-        if self.response_version:
-            headers["X-APIMart-Response-Version"] = self.response_version
-        headers.update(extra or {})
+        if not self._auth:
+            self._auth["Authorization"] = f"Bearer {self.api_key.reveal()}"
+            if self.response_version:
+                self._auth["X-APIMart-Response-Version"] = self.response_version
+        headers = self._auth.copy()
+        if extra:
+            headers.update(extra)
         return headers
 
     def _timeout(self, total: float) -> aiohttp.ClientTimeout:
-        # ``connect`` bounds the wait for a pooled connection too; aiohttp then raises
-        # ConnectionTimeoutError, which is "not sent" (retryable), never ambiguous.
-        return aiohttp.ClientTimeout(total=total, connect=self.timeouts.connect,
-                                     sock_connect=self.timeouts.connect)
+        limits = self._limits.get(total)
+        if limits is None or limits.connect != self.timeouts.connect:
+            # ``connect`` bounds the wait for a pooled connection too; aiohttp then raises
+            # ConnectionTimeoutError, which is "not sent" (retryable), never ambiguous.
+            limits = self._limits[total] = aiohttp.ClientTimeout(
+                total=total, connect=self.timeouts.connect, sock_connect=self.timeouts.connect
+            )
+        return limits
 
     async def submit(self, job: Job, body: Mapping[str, Any] | None = None) -> Submitted:
         """Create the job's task; raises an ``ApiError`` subclass for every failure.
@@ -275,8 +287,12 @@ def _settle(
 
 async def _read_body(resp: aiohttp.ClientResponse) -> bytes | None:
     """The body, or None when it is over ``MAX_ANSWER_BYTES`` (the rest is left unread)."""
-    if (resp.content_length or 0) > MAX_ANSWER_BYTES:
+    length = resp.content_length
+    if (length or 0) > MAX_ANSWER_BYTES:
         return None
+    if length is not None and "Content-Encoding" not in resp.headers:
+        # Within the bound and not decompressed: aiohttp reads exactly that many bytes.
+        return await resp.read()
     chunks: list[bytes] = []
     size = 0
     async for chunk in resp.content.iter_chunked(1 << 16):

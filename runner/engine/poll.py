@@ -46,7 +46,13 @@ _UNKNOWN_TASK = re.compile(r"\b(invalid|unknown)[ _-]?task[ _-]?id\b", re.IGNORE
 
 @dataclass(frozen=True, slots=True)
 class PollTiming:
-    """When to poll: ``first`` s after submission, then growing by ``growth`` up to ``interval``."""
+    """When to poll: ``first`` s after submission, then growing by ``growth`` up to ``interval``.
+
+    With the defaults a task is polled 10, 25, 47.5 and 77.5 s after submission, then every
+    30 s: a task seen completing waits at most the pause in force (on average half of it,
+    about 15 s for tasks of a minute or more), for about one request per 30 s of its run.
+    A task resumed by ``status --wait`` is polled at once, then ``first`` s later.
+    """
 
     first: float = 10.0
     interval: float = 30.0

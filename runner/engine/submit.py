@@ -39,8 +39,9 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [""])[0][:200]
 
 
-def job_fields(job: Job) -> dict[str, object]:
-    """The ledger cells that describe a job's request.
+def job_fields(job: Job, *, request: bool = True) -> dict[str, object]:
+    """The ledger cells that describe a job's request (without ``request`` when False:
+    the caller fills that cell from the body it sends).
 
     ``duration``, ``resolution`` and ``aspect_ratio`` hold what the API renders (the API's
     default where the manifest left a field out): what the price was estimated on.
@@ -60,7 +61,7 @@ def job_fields(job: Job) -> dict[str, object]:
         "image_sha256": "\n".join(u.sha256 for u in job.uploads) or None,
         "prompt": job.prompt,
         "manifest": job.manifest,
-        "request": canonical_json(job.body()) if not job.uploads else None,
+        "request": canonical_json(job.body()) if request and not job.uploads else None,
         "take": job.take,
         "metadata": canonical_json(dict(job.metadata)) if job.metadata else None,
     }
@@ -171,7 +172,8 @@ class Submitter:
                         self.ledger.append(
                             job.job_id, status="submitting", task_id=None, attempts=0,
                             http_status=None, error=None,
-                            **(TASK_CELLS | job_fields(job) | cells),
+                            # ``cells`` holds the request sent: not encoded twice.
+                            **(TASK_CELLS | job_fields(job, request=False) | cells),
                         )
                     done = await self.client.submit(job, body)
             except Stopped:
