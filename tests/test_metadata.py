@@ -177,6 +177,8 @@ INVALID = [
                  "a metadata key is 1-64 characters", id="key-with-space"),
     pytest.param("metadata: {sku: " + "x" * 1001 + "}", "is 1001 characters long; at most 1000",
                  None, id="value-too-long"),
+    pytest.param('metadata: {sku: "A\\0B"}', "jobs[0].metadata.sku:", None, id="nul-in-value"),
+    pytest.param('metadata: {sku: "A\\nB"}', "jobs[0].metadata.sku:", None, id="line-break"),
     pytest.param("metadata: {" + ", ".join(f"k{i}: v" for i in range(51)) + "}",
                  "jobs[0].metadata: at most 50 keys allowed, got 51", None, id="too-many-keys"),
 ]
