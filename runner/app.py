@@ -26,6 +26,7 @@ from runner.engine import (
     connect,
     decide_across,
     default_out,
+    fewer_collections,
     interrupts,
     merged_error,
     needs_action,
@@ -37,7 +38,6 @@ from runner.engine import (
     warn_unforeseen,
     write_json,
 )
-from runner.engine.runtime import fewer_collections
 from runner.errors import (
     EXIT_API_STOPPED,
     EXIT_JOBS_FAILED,

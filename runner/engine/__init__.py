@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     )
     from runner.engine.poll import NO_VIDEO_STATES, POLLABLE_STATES, PollTiming
     from runner.engine.resume import REGENERABLE, Decision, decide, decide_across, recorded_take
-    from runner.engine.runtime import connect, interrupts, merged_error
+    from runner.engine.runtime import connect, fewer_collections, interrupts, merged_error
     from runner.engine.schedule import Limiter, run_pool
     from runner.engine.submit import Submitter
 
@@ -49,6 +49,7 @@ __all__ = [
     "decide_across",
     "default_out",
     "expires_ts",
+    "fewer_collections",
     "interrupts",
     "merged_error",
     "needs_action",
@@ -83,6 +84,7 @@ _HOME = {
     "decide_across": "resume",
     "default_out": "lifecycle",
     "expires_ts": "download",
+    "fewer_collections": "runtime",
     "interrupts": "runtime",
     "merged_error": "runtime",
     "needs_action": "lifecycle",
