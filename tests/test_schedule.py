@@ -215,18 +215,28 @@ async def test_429s_of_requests_sent_before_a_cut_do_not_cut_again():
     assert (limiter.throttles, limiter.cuts) == (8, 1)
 
 
-async def test_a_cut_settles_below_the_rate_the_server_accepted():
-    """After 50 accepted starts in the last second, a 429 sets the pace to 0.95 × 50/s."""
-    fake = FakeTime()
-    limiter = Limiter(1, clock=fake.clock, sleep=fake.sleep)
-    for _ in range(50):
+async def accepted(limiter: Limiter, fake: FakeTime, count: int, gap: float) -> None:
+    """``count`` requests the server accepted, started ``gap`` seconds apart."""
+    for _ in range(count):
         async with limiter.slot():
             pass
         await limiter.succeeded()
-        fake.now += 0.019
+        fake.now += gap
+
+
+async def refused(limiter: Limiter) -> None:
+    """One request answered 429 with no Retry-After."""
     async with limiter.slot():
         pass
     limiter.throttled(0.0)
+
+
+async def test_a_cut_settles_below_the_rate_the_server_accepted():
+    """After 50 accepted starts in the last second, a 429 sets the pace to SETTLE × 50/s."""
+    fake = FakeTime()
+    limiter = Limiter(1, clock=fake.clock, sleep=fake.sleep)
+    await accepted(limiter, fake, 50, 0.019)
+    await refused(limiter)
     assert limiter.learned == pytest.approx(SETTLE * 50)
     assert limiter.rate == pytest.approx(SETTLE * 50)
     fake.now += 10
@@ -237,21 +247,13 @@ async def test_the_pace_climbs_back_fast_after_429s_that_measured_nothing():
     """Refusals with nothing accepted drop the pace; without 429s it is back within seconds."""
     fake = FakeTime()
     limiter = Limiter(1, clock=fake.clock, sleep=fake.sleep)
-    for _ in range(20):
-        async with limiter.slot():
-            pass
-        await limiter.succeeded()
-        fake.now += 0.045
-    async with limiter.slot():
-        pass
-    limiter.throttled(0.0)
+    await accepted(limiter, fake, 20, 0.045)
+    await refused(limiter)
     good = limiter.learned
     assert good == pytest.approx(SETTLE * 20)
     for _ in range(6):  # a quota window ran out: every request refused
         fake.now += 2.0
-        async with limiter.slot():
-            pass
-        limiter.throttled(0.0)
+        await refused(limiter)
     assert limiter.rate == MIN_RATE
     fake.now += 5.0
     assert limiter.rate == pytest.approx(good, rel=0.01)
@@ -281,10 +283,7 @@ async def test_a_learned_pace_never_exceeds_the_rate_given():
     fake = FakeTime()
     limiter = Limiter(1, rate=5.0, clock=fake.clock, sleep=fake.sleep)
     assert limiter.rate == 5.0
-    for _ in range(5):
-        async with limiter.slot():
-            pass
-        await limiter.succeeded()
+    await accepted(limiter, fake, 5, 0.0)
     limiter.throttled(0.0)
     assert limiter.rate == pytest.approx(SETTLE * 5.0)
     fake.now += 3600

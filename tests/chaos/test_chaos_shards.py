@@ -14,6 +14,7 @@ import signal
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -77,15 +78,20 @@ def assert_created_once(server: MockServer, folder: Path) -> None:
     assert JOBS - states["unknown"] <= stats["tasks_created"] <= JOBS
 
 
+def killed_batch(mock_server: Any, folder: Path, seed: int) -> tuple[Any, list[str], int]:
+    """The batch run as four shards against a non-idempotent emulator, one of them
+    SIGKILLed mid-run; returns the server, the run flags and the killed shard's index."""
+    server = mock_server("--no-idempotency", "--task-seconds", "0.3", "--latency-ms", "20")
+    manifest(folder)
+    flags = ["--base-url", server.url, "-j", "2", "--wait", "--interval", "0.2"]
+    return server, flags, four_shards_one_killed(folder, random.Random(seed), flags)
+
+
 @pytest.mark.parametrize("seed", range(ROUNDS))
 def test_a_killed_shard_rerun_with_its_index_creates_no_duplicate(mock_server, tmp_path: Path,
                                                                   seed: int) -> None:
     """SIGKILL one of four shards mid-run; rerun the same index: every job created once."""
-    rng = random.Random(seed)
-    server = mock_server("--no-idempotency", "--task-seconds", "0.3", "--latency-ms", "20")
-    manifest(tmp_path)
-    flags = ["--base-url", server.url, "-j", "2", "--wait", "--interval", "0.2"]
-    victim = four_shards_one_killed(tmp_path, rng, flags)
+    server, flags, victim = killed_batch(mock_server, tmp_path, seed)
     settle(tmp_path, "run", "batch.yaml", *flags, "--shard", f"{victim}/4")
     assert_created_once(server, tmp_path)
 
@@ -95,11 +101,7 @@ def test_a_killed_shard_finished_under_another_n_creates_no_duplicate(mock_serve
                                                                       tmp_path: Path,
                                                                       seed: int) -> None:
     """SIGKILL one of four shards; finish the batch with N=3: nothing recorded is sent again."""
-    rng = random.Random(seed)
-    server = mock_server("--no-idempotency", "--task-seconds", "0.3", "--latency-ms", "20")
-    manifest(tmp_path)
-    flags = ["--base-url", server.url, "-j", "2", "--wait", "--interval", "0.2"]
-    victim = four_shards_one_killed(tmp_path, rng, flags)
+    server, flags, victim = killed_batch(mock_server, tmp_path, seed)
     for index in range(3):
         settle(tmp_path, "run", "batch.yaml", *flags, "--shard", f"{index}/3")
     # What the N=3 runs left to the killed shard's ledger (running tasks, videos) it collects.
